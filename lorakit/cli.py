@@ -1,0 +1,59 @@
+"""The ``lorakit`` command: parses arguments and dispatches. No logic lives here.
+
+Each feature area contributes its sub-commands through a small ``add_parsers(subparsers)``
+function in its own ``cli`` module, so this file only lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorakit import __version__
+
+# modules that define add_parsers(subparsers); each sub-parser sets func=callable(args) -> int
+_COMMAND_MODULES = [
+    "lorakit.models.cli",
+    "lorakit.data.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="LoRA and QLoRA fine-tuning of open language models, end to end.",
+    )
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a feature area not built yet
+            if exc.name != name:
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorakit.errors import LorakitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models of each family the tests cover (no downloads).
+
+Each is a stock transformers model built from its config, small enough that a forward pass
+takes milliseconds, but with the real module layout (fused ``qkv_proj`` in Phi-3, Conv1D in
+GPT-2, tied embeddings in Gemma) so LoRA injection meets what it meets in the wild.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 256
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **_COMMON)
+    if family == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **_COMMON)
+    if family == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **_COMMON)
+    if family == "phi3":
+        return tf.Phi3Config(num_key_value_heads=4, **_COMMON)
+    if family == "gemma":
+        return tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_COMMON)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                             bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2"]
+
+
+def make_tiny_model(family: str, seed: int = 0, dtype=torch.float32):
+    """A freshly initialised tiny causal LM of ``family``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _config(family)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    return model.eval()
+
+
+def sample_input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
