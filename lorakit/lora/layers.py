@@ -1,0 +1,271 @@
+r"""LoraLayer: a frozen linear layer plus any number of named low-rank adapters.
+
+For input x (..., in) and a frozen weight W (out, in)::
+
+    y = W x + b  +  scaling * B (A (dropout(x)))        A: (r, in), B: (out, r)
+                    \___________ delta ___________/
+
+A starts Kaiming-uniform and B at zero, so an adapter changes nothing until it trains.
+``scaling = lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
+
+DoRA (Liu et al. 2024) splits the adapted weight into a direction and a learned per-row
+magnitude m (out,)::
+
+    W' = m * (W + scaling B A) / ||W + scaling B A||_row        (the norm is treated as a constant)
+    y  = W' x + b = (W x + b) + [(m/||.|| - 1) W x + (m/||.||) scaling B A x]
+
+We write this layer ourselves rather than use PEFT's because serving needs one layer that
+applies a *different* adapter to each row of a batch (``row_adapters``), and training wants
+a small, readable module; PEFT's on-disk format is kept exactly (see ``lorakit.lora.io``).
+
+The base layer may be ``nn.Linear``, transformers' ``Conv1D`` (GPT-2: weight stored (in, out))
+or, later, a 4-bit bitsandbytes layer; ``base_weight()`` hides the difference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (a linear layer with a transposed weight)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Layers lorakit can wrap: nn.Linear (and subclasses such as bitsandbytes' Linear4bit), Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer with named LoRA adapters; one is active at a time.
+
+    Attributes:
+        base_layer: the wrapped frozen layer (its parameters keep their names under
+            ``base_layer.``, as in PEFT).
+        lora_A / lora_B: ``nn.ModuleDict`` of adapter name -> ``nn.Linear`` without bias.
+        lora_magnitude_vector: adapter name -> DoRA magnitude (out,), only for DoRA adapters.
+        scaling: adapter name -> float.
+        active_adapter: the adapter applied by ``forward`` (None: none).
+        disabled: when True the layer is exactly its base layer.
+        row_adapters: when set (a list with one adapter name or None per batch row), each row
+            of the batch uses its own adapter; see ``lorakit.mixed_batch``.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None
+        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms used when merging DoRA
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
+                    use_dora: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        """Create adapter ``name``: A Kaiming-uniform, B zero (the layer's output is unchanged)."""
+        device = self.base_device()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = float(scaling)
+        if use_dora:
+            with torch.no_grad():
+                norm = self.base_weight().float().norm(p=2, dim=1)  # (out,)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        self.scaling.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ------------------------------------------------------------------ base weight access
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (code that inspects ``layer.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def base_device(self) -> torch.device:
+        return next(self.base_layer.parameters()).device
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as a dense (out, in) tensor (dequantized for 4-bit layers)."""
+        weight = self.base_layer.weight
+        dequantize = getattr(self.base_layer, "lorakit_dequantize", None)
+        if dequantize is not None:
+            return dequantize()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _write_base_weight(self, dense: torch.Tensor) -> None:
+        if getattr(self.base_layer, "lorakit_dequantize", None) is not None:
+            raise RuntimeError("refusing to merge into 4-bit weights: merge into a dequantized "
+                               "copy instead (lorakit.export.merge)")
+        weight = self.base_layer.weight
+        weight.data.copy_(dense.T if self.fan_in_fan_out else dense)
+
+    # ------------------------------------------------------------------ maths
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` as an (out, in) float32 tensor."""
+        a = self.lora_A[name].weight.float()  # (r, in)
+        b = self.lora_B[name].weight.float()  # (out, r)
+        return (b @ a) * self.scaling[name]
+
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``base_out = base_layer(x)``; same shape as base_out."""
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        x_lora = dropout(x.to(lora_A.weight.dtype))
+        update = lora_B(lora_A(x_lora)) * self.scaling[name]  # (..., out)
+        if name in self.lora_magnitude_vector:
+            update = self._dora_delta(name, x_lora, base_out, update,
+                                      fresh_base=not isinstance(dropout, nn.Identity) and self.training)
+        return update.to(base_out.dtype)
+
+    def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor,
+                    update: torch.Tensor, fresh_base: bool) -> torch.Tensor:
+        weight = self.base_weight().to(x.dtype)  # (out, in)
+        with torch.no_grad():  # the norm is a constant (DoRA paper, section 4.3)
+            norm = (weight + self.delta_weight(name).to(x.dtype)).norm(p=2, dim=1)  # (out,)
+        scale = self.lora_magnitude_vector[name] / norm  # (out,)
+        if fresh_base:
+            # dropout changed the adapter's input, so the base term uses the same dropped x
+            wx = F.linear(x, weight)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            wx = (base_out - bias if bias is not None else base_out).to(x.dtype)
+        return (scale - 1) * wx + scale * update
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self._mixed_batch_forward(x, result)
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters or name not in self.lora_A:
+            return result
+        return result + self._delta(name, x, result)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter ``row_adapters[i]`` (None = base only)."""
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(f"mixed batch: {len(self.row_adapters)} adapter names for a batch of "
+                             f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
+        for name in dict.fromkeys(self.row_adapters):
+            if name is None or name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name],
+                                device=x.device)
+            delta = self._delta(name, x.index_select(0, rows), result.index_select(0, rows))
+            result = result.index_add(0, rows, delta)
+        return result
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter ``name`` (default: the active one) into the base weight. Idempotent."""
+        name = name or self.active_adapter
+        if name is None or name in self.merged_adapters or name not in self.lora_A:
+            return
+        weight = self.base_weight()
+        merged = weight.float() + self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            norm = merged.norm(p=2, dim=1)
+            self._dora_norms[name] = norm
+            merged = merged * (self.lora_magnitude_vector[name].float() / norm).unsqueeze(1)
+        self._write_base_weight(merged.to(weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge (in reverse order), restoring the base weight. Idempotent."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.base_weight()
+            dense = weight.float()
+            if name in self.lora_magnitude_vector:
+                norm = self._dora_norms.pop(name)
+                dense = dense / (self.lora_magnitude_vector[name].float() / norm).unsqueeze(1)
+            self._write_base_weight((dense - self.delta_weight(name)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
+        return f"adapters={ranks}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for an adapter (``modules_to_save``), e.g. the output head.
+
+    ``original_module`` stays frozen; each adapter gets its own trainable copy in
+    ``modules_to_save[name]`` (PEFT's layout, so saved keys match PEFT's).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # transformers reads attributes such as .weight off the output head (tied embeddings)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.active_module(), name)
