@@ -1,0 +1,82 @@
+"""``lorakit info`` and ``lorakit generate`` through lorakit.cli.main."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import main
+from tiny_models import make_tiny_model
+
+
+def save_tiny_folder(path: Path, family: str = "llama"):
+    """A tiny model + a word-level tokenizer (no chat template) in ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    model = make_tiny_model(family)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def test_info_json_reports_parameters_and_target_modules(tmp_path, capsys):
+    model = save_tiny_folder(tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                      "up_proj", "v_proj"]
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["dtype"] == "float32"
+    assert info["spec"] == str(tmp_path.resolve())
+    assert set(info["memory_bytes"]) == {"32-bit", "16-bit", "4-bit"}
+
+
+def test_info_table_names_the_4bit_assumption(tmp_path, capsys):
+    save_tiny_folder(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "q_proj" in out
+    assert "4.127" in out and "NF4" in out
+
+
+def test_info_missing_model_exits_2_with_message(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_generate_rejects_unknown_dtype(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "x", "--dtype", "float8"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_generate_applies_the_adapter(tmp_path, capsys, monkeypatch):
+    import lorakit.lora.io
+
+    save_tiny_folder(tmp_path)
+    loaded = []
+    monkeypatch.setattr(lorakit.lora.io, "load_adapter",
+                        lambda model, path, **kw: loaded.append((model.lorakit_spec, path)))
+    rc = main(["generate", "--model", str(tmp_path), "--adapter", "some/adapter",
+               "--prompt", "w5 w6", "--max-tokens", "3"])
+    assert rc == 0
+    assert loaded == [(str(tmp_path.resolve()), "some/adapter")]
+    assert capsys.readouterr().out.strip()  # some completion was printed
+
+
+@pytest.mark.slow
+def test_generate_prints_the_completion(capsys):
+    rc = main(["generate", "--prompt", "What is the capital of France?", "--max-tokens", "24"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "<|im_start|>" not in out
