@@ -16,6 +16,7 @@ from lorakit import __version__
 _COMMAND_MODULES = [
     "lorakit.models.cli",
     "lorakit.data.cli",
+    "lorakit.train.cli",
 ]
 
 

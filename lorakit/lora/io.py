@@ -89,30 +89,57 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
 
 
 # ---------------------------------------------------------------------- save
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (adapter name stripped)."""
+def adapter_parameters(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's live parameters under PEFT's key names (adapter name stripped)."""
     config = _adapters(model).get(name)
     if config is None:
         raise AdapterError(f"model has no adapter named {name!r}")
-    state: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
-        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
-        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+        params[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+        params[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
         if name in layer.lora_magnitude_vector:
-            state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+            params[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
         if config.bias == "lora_only" and layer.bias is not None:
-            state[f"{PREFIX}{path}.base_layer.bias"] = layer.bias
+            params[f"{PREFIX}{path}.base_layer.bias"] = layer.bias
     if config.bias == "all":
         for pname, param in model.named_parameters():
             if pname.endswith(".bias") and ".modules_to_save." not in pname:
-                state[PREFIX + pname.replace(".original_module.", ".")] = param
+                params[PREFIX + pname.replace(".original_module.", ".")] = param
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
             for pname, param in module.modules_to_save[name].named_parameters():
-                state[f"{PREFIX}{path}.{pname}"] = param
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+                params[f"{PREFIX}{path}.{pname}"] = param
+    return params
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's tensors under PEFT's key names."""
+    return {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model, name).items()}
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+    """Copy the weights of a saved adapter into adapter ``name`` that already exists on
+    ``model`` with the same layout (used to resume training from a checkpoint).
+
+    Raises:
+        AdapterError: the file's keys or shapes differ from the live adapter's.
+    """
+    params = adapter_parameters(model, name)
+    state = read_adapter_weights(path)
+    if set(state) != set(params):
+        missing = sorted(set(params) - set(state))[:3]
+        extra = sorted(set(state) - set(params))[:3]
+        raise AdapterError(f"{path}: adapter layout differs from the model's adapter {name!r} "
+                           f"(missing {missing}, unexpected {extra})")
+    for key, param in params.items():
+        if param.shape != state[key].shape:
+            raise AdapterError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected "
+                               f"{tuple(param.shape)}")
+        param.copy_(state[key])
 
 
 def _target_modules_for_file(model: nn.Module, config: LoraConfig, name: str):

@@ -1,0 +1,230 @@
+"""Run configuration: one typed, validated object handed to a training recipe.
+
+A run is described by a YAML file plus ``a.b=value`` overrides from the command line.
+Unknown keys and wrong types are errors that name the key and suggest the nearest valid one;
+the resolved config is written to the run folder so later commands need nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorakit.errors import ConfigError, did_you_mean
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# names users bring from PEFT / TRL / transformers -> ours
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "use_rslora": "rslora", "use_dora": "dora", "learning_rate": "lr",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "gradient_checkpointing": "grad_checkpointing", "max_seq_length": "max_length",
+    "max_seq_len": "max_length", "seq_len": "max_length", "output": "output_dir",
+    "train_file": "train", "eval_file": "eval", "model_name_or_path": "model",
+}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    synonym = _SYNONYMS.get(name)
+    if synonym in valid:
+        return f" (did you mean {synonym!r}?)"
+    return did_you_mean(name, valid)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(_Section):
+    """Adapter settings (see ``lorakit.LoraConfig`` for the meaning of each)."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[list[str], str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    bias: Literal["none", "lora_only", "all"] = "none"
+    modules_to_save: Optional[list[str]] = None
+    layers_to_transform: Optional[list[int]] = None
+
+    def to_lora_config(self):
+        from lorakit.lora.config import LoraConfig
+
+        return LoraConfig.create(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.target_modules, use_rslora=self.rslora, use_dora=self.dora,
+            bias=self.bias, modules_to_save=self.modules_to_save,
+            layers_to_transform=self.layers_to_transform)
+
+
+class QuantizationSection(_Section):
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+
+
+class DataSection(_Section):
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    eval_fraction: Optional[float] = Field(None, gt=0, lt=1)
+    format: str = "auto"
+    max_length: int = Field(1024, gt=8)
+    packing: bool = True
+    train_on: Literal["last_turn", "all_assistant", "everything"] = "all_assistant"
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0)  # < 1: a fraction of the steps; >= 1: a step count
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    eval_every: Optional[int] = Field(None, gt=0)
+    save_every: Optional[int] = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    early_stopping_patience: Optional[int] = Field(None, gt=0)
+    log_every: int = Field(1, gt=0)
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+
+
+class RunConfig(_Section):
+    """Everything a training run needs. See ``examples/`` for complete files."""
+
+    model: str = DEFAULT_MODEL
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output_dir: Optional[str] = None
+    resume: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model is empty; use an alias such as 'smollm2-135m-instruct', a "
+                             "folder, a .gguf file or a hub id")
+        return v
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = Path(self.model).stem if self.model.endswith(".gguf") else self.model.split("/")[-1]
+        return Path("runs") / f"{name}-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- parsing
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "lora.r=8"]`` -> ``{"train": {"lr": 1e-4}, "lora": {"r": 8}}``.
+
+    Values are parsed as YAML scalars/flow collections (``8`` is an int, ``[q_proj, v_proj]``
+    a list, ``null`` None).
+    """
+    result: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names at the location of an error (for 'did you mean')."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def format_errors(exc: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(str(loc[-1]), _fields_at(model_cls, loc))
+            valid = ", ".join(_fields_at(model_cls, loc))
+            lines.append(f"{source}: unknown key {key!r}{hint}; valid keys here: {valid}")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}{got_text}")
+    return "\n".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate.
+
+    Args:
+        path: YAML file (None: start from ``base`` or the defaults).
+        overrides: dotted ``key=value`` strings, applied after the file.
+        base: a dict to start from (used for the bundled example).
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys (with the nearest valid name), wrong types.
+    """
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys (model, method, lora, data, train...)")
+        data = _deep_merge(data, loaded)
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+        source = f"{source} + overrides" if path else "overrides"
+    try:
+        return RunConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, RunConfig, source)) from None

@@ -1,0 +1,410 @@
+"""Supervised fine-tuning (SFT) with LoRA, QLoRA or full fine-tuning. Read top to bottom:
+
+1. setup: model (quantized for QLoRA), adapter, run folder, resolved config
+2. data: load + validate, tokenize with completion-only labels, pack into rows
+3. optimizer, schedule, and the checkpoint to resume from, if any
+4. the loop: accumulate micro-batches, loss = mean over supervised tokens of the whole step,
+   clip, step; log, evaluate, checkpoint, stop on request / NaN / early stopping
+5. finish: final adapter, loss plot, summary
+
+Our own loop rather than transformers' Trainer: the loss is computed only where it is
+supervised (the output head is skipped elsewhere), resume is exact mid-epoch, and each step
+is visible here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.config import RunConfig
+from lorakit.errors import ConfigError, DataError
+from lorakit.train import common
+from lorakit.train.common import LoopState, TrainingError
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    summary: dict
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------- 1. setup
+def setup_model(cfg: RunConfig, device: torch.device, precision: str):
+    """Load the base (4-bit for QLoRA), add the adapter (or unfreeze everything for full)."""
+    from lorakit.lora.inject import add_adapter, trainable_parameters
+    from lorakit.models.load import load_model
+
+    base_dtype = torch.bfloat16 if precision == "bf16" and cfg.method != "full" else torch.float32
+    if precision == "fp16" and cfg.method != "full":
+        base_dtype = torch.float16
+    kwargs = {}
+    if cfg.method == "qlora":
+        q = cfg.quantization
+        kwargs = dict(quantization=q.type, double_quant=q.double_quant,
+                      compute_dtype=q.compute_dtype)
+    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device, **kwargs)
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        add_adapter(model, cfg.lora.to_lora_config(), name="default")
+    if cfg.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tokenizer, trainable_parameters(model)
+
+
+# ---------------------------------------------------------------------- 2. data
+def prepare_rows(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict], dict]:
+    """Load, validate, split, tokenize and (optionally) pack the train and eval data."""
+    from lorakit.data.formats import load_examples
+    from lorakit.data.packing import pack_examples
+    from lorakit.data.split import split_train_eval
+    from lorakit.data.tokenize import tokenize_examples
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set: give a JSONL/JSON file, e.g. data.train=train.jsonl")
+    train = _load(cfg.data.train, cfg, load_examples, log)
+    if cfg.data.eval:
+        evals = _load(cfg.data.eval, cfg, load_examples, log)
+    elif cfg.data.eval_fraction:
+        train, evals = split_train_eval(train, cfg.data.eval_fraction, seed=cfg.train.seed)
+    else:
+        evals = []
+
+    def rows_of(examples, what):
+        tokenized = tokenize_examples(examples, tokenizer, cfg.data.max_length, cfg.data.train_on)
+        usable = [t for t in tokenized if any(l != common.IGNORE_INDEX for l in t["labels"][1:])]
+        if len(usable) < len(tokenized):
+            log(f"{what}: {len(tokenized) - len(usable)} examples have no supervised token "
+                f"within max_length={cfg.data.max_length} and are skipped")
+        if cfg.data.packing:
+            return pack_examples(usable, cfg.data.max_length), usable
+        return usable, usable
+
+    train_rows, train_tok = rows_of(train, "train")
+    if not train_rows:
+        raise DataError(f"{cfg.data.train}: no usable training example")
+    eval_rows, _ = rows_of(evals, "eval") if evals else ([], [])
+    stats = {"train_examples": len(train_tok), "eval_examples": len(evals),
+             "train_rows": len(train_rows),
+             "train_tokens": sum(len(t["input_ids"]) for t in train_tok)}
+    return train_rows, eval_rows, stats
+
+
+def _load(path, cfg, load_examples, log):
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist")
+    result = load_examples(path, format=cfg.data.format)
+    for issue in result.errors[:5]:
+        log(f"skipped: {issue}")
+    if len(result.errors) > 5:
+        log(f"... {len(result.errors) - 5} more bad lines skipped (see `lorakit data check {path}`)")
+    if not result.examples:
+        raise DataError(f"{path}: no valid example (checked {len(result.errors)} bad lines)")
+    return result.examples
+
+
+def make_batch(rows: list[dict], idx: list[int], pad_id: int, packed: bool, device) -> dict:
+    from lorakit.data.packing import collate_packed
+    from lorakit.data.tokenize import collate
+
+    chosen = [rows[i] for i in idx]
+    batch = collate_packed(chosen, pad_id) if packed else collate(chosen, pad_id)
+    return {k: v.to(device) for k, v in batch.items() if k in
+            ("input_ids", "labels", "position_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg, pad_id, device, precision) -> float | None:
+    """Mean loss over every supervised token of the eval rows."""
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), cfg.train.batch_size):
+        batch = make_batch(rows, list(range(start, min(start + cfg.train.batch_size, len(rows)))),
+                           pad_id, cfg.data.packing, device)
+        with common.autocast(precision, device):
+            loss_sum, n = common.supervised_loss(model, batch)
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------- the recipe
+def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainResult:
+    """Run supervised fine-tuning as ``cfg`` describes. Returns the run folder and summary.
+
+    Raises:
+        ConfigError / DataError: bad settings or data (no run folder is left behind).
+        TrainingError: NaN loss or out of memory (the last good checkpoint is kept).
+    """
+    from lorakit.data.tokenize import pad_token_id
+    from lorakit.lora.io import load_adapter_weights, save_adapter
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    device = common.default_device()
+    precision = common.resolve_precision(cfg.train.precision, device)
+    run_dir = cfg.resolved_output_dir()
+    resume_from = common.list_checkpoints(run_dir)[-1] if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
+    if not cfg.resume and (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, or "
+                          f"choose another output_dir")
+    torch.manual_seed(cfg.train.seed)
+
+    # 1-2. model and data, before anything is written: bad input leaves no half-written run
+    model, tokenizer, counts = setup_model(cfg, device, precision)
+    train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer, log)
+    pad_id = pad_token_id(tokenizer)
+    order = common.DataOrder(len(train_rows), cfg.train.batch_size, cfg.train.seed)
+    micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
+                   else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
+    total_steps = -(-micro_total // cfg.train.grad_accum)
+    log(f"{cfg.method} on {cfg.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
+        f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
+        f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # 3. optimizer, schedule, resume
+    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
+    loop = LoopState()
+    if resume_from is not None:
+        if cfg.method == "full":
+            _load_full_weights(model, resume_from)
+        else:
+            load_adapter_weights(model, resume_from / "adapter")
+        loop = common.load_checkpoint(resume_from, optimizer, scheduler)
+        log(f"resumed from {resume_from} (step {loop.step})")
+    metrics = common.MetricsLog(run_dir / "metrics.jsonl",
+                                resume_step=loop.step if resume_from is not None else None)
+    tb = _tensorboard(cfg, run_dir)
+
+    def save_weights(folder: Path) -> None:
+        if cfg.method == "full":
+            _save_full_weights(model, folder)
+        else:
+            save_adapter(model, folder / "adapter", tokenizer=tokenizer)
+
+    def checkpoint() -> Path:
+        return common.save_checkpoint(run_dir, model, optimizer, scheduler, loop, save_weights,
+                                      cfg.train.keep_checkpoints)
+
+    # 4. the loop
+    started = time.perf_counter()
+    elapsed_before = loop.elapsed
+    stopped_early = interrupted = False
+    bar = _Progress(total_steps, loop.step, enabled=progress)
+    try:
+        with common.StopFlag() as stop, bar:
+            while loop.step < total_steps:
+                micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
+                chosen = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
+                batches = [make_batch(train_rows, rows, pad_id, cfg.data.packing, device)
+                           for rows in chosen]
+                loop.tokens_seen += sum(len(train_rows[i]["input_ids"]) for r in chosen for i in r)
+                n_sup = sum(common.count_supervised(b) for b in batches)
+                step_loss = 0.0
+                for batch in batches:
+                    with common.autocast(precision, device):
+                        loss_sum, _ = common.supervised_loss(model, batch)
+                    (loss_sum / max(n_sup, 1)).backward()
+                    step_loss += float(loss_sum.detach())
+                loss = step_loss / max(n_sup, 1)
+                if not torch.isfinite(torch.tensor(loss)):
+                    optimizer.zero_grad(set_to_none=True)
+                    last = common.list_checkpoints(run_dir)
+                    raise TrainingError(
+                        f"loss became {loss} at step {loop.step + 1}; training stopped. "
+                        + (f"The last good checkpoint is {last[-1]}. " if last else "")
+                        + f"Lower train.lr (now {cfg.train.lr}) or check the data.")
+                grad_norm = None
+                if cfg.train.max_grad_norm:
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop.step += 1
+                loop.micro_index += micro
+                loop.supervised_seen += n_sup
+                loop.last_loss = loss
+                now = loop.elapsed = elapsed_before + time.perf_counter() - started
+                record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
+                          "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": loop.supervised_seen / max(now, 1e-9)}
+                eval_loss = None
+                if eval_rows and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
+                    eval_loss = evaluate(model, eval_rows, cfg, pad_id, device, precision)
+                    record["eval_loss"] = loop.last_eval_loss = eval_loss
+                    stopped_early = _early_stop(loop, eval_loss, cfg)
+                loop.history.append((loop.step, loss, eval_loss))
+                if loop.step % cfg.train.log_every == 0 or eval_loss is not None:
+                    metrics.write(record)
+                    if tb:
+                        for key in ("loss", "lr", "grad_norm", "eval_loss"):
+                            if record.get(key) is not None:
+                                tb.add_scalar(f"train/{key}", record[key], loop.step)
+                bar.update(loop.step, loss, record["tokens_per_s"], eval_loss)
+                if not bar.enabled and (loop.step % max(1, total_steps // 20) == 0 or eval_loss):
+                    log(_line(record, total_steps))
+                if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
+                    checkpoint()
+                if stop.requested:
+                    path = checkpoint()
+                    log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
+                    interrupted = True
+                    break
+                if stopped_early:
+                    log(f"early stopping at step {loop.step}: eval loss has not improved for "
+                        f"{cfg.train.early_stopping_patience} evaluations")
+                    break
+    except Exception as exc:
+        if common.is_oom(exc):
+            raise common.out_of_memory_error(exc, cfg) from None
+        raise
+    finally:
+        metrics.close()
+        if tb:
+            tb.close()
+
+    # 5. finish
+    adapter_dir = run_dir / "adapter"
+    if interrupted:
+        return TrainResult(run_dir, adapter_dir, {}, interrupted=True)
+    final_eval = loop.last_eval_loss
+    if eval_rows and (not cfg.train.eval_every or loop.step % cfg.train.eval_every):
+        final_eval = evaluate(model, eval_rows, cfg, pad_id, device, precision)
+        loop.history.append((loop.step, None, final_eval))
+        metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
+        metrics.write({"step": loop.step, "eval_loss": final_eval})
+        metrics.close()
+    tmp_adapter = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp_adapter, ignore_errors=True)
+    if cfg.method == "full":
+        _save_full_model(model, tokenizer, tmp_adapter)
+    else:
+        save_adapter(model, tmp_adapter, tokenizer=tokenizer,
+                     extra_manifest={"run": str(run_dir), "steps": loop.step})
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    tmp_adapter.rename(adapter_dir)
+    common.plot_losses(loop.history, run_dir / "loss.png", f"{cfg.method} on {cfg.model}")
+    summary = {
+        "method": cfg.method, "model": cfg.model, "steps": loop.step,
+        "epochs": round(order.epoch_of(loop.micro_index), 4),
+        "wall_time_s": round(loop.elapsed, 2), "tokens_seen": loop.tokens_seen,
+        "supervised_tokens": loop.supervised_seen,
+        "supervised_tokens_per_s": round(loop.supervised_seen / max(loop.elapsed, 1e-9), 2),
+        "tokens_per_s": round(loop.tokens_seen / max(loop.elapsed, 1e-9), 2),
+        "peak_memory_bytes": common.peak_memory_bytes(device),
+        "final_train_loss": loop.last_loss, "final_eval_loss": final_eval,
+        "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
+        "precision": precision, "device": str(device), "stopped_early": stopped_early,
+        **data_stats,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return TrainResult(run_dir, adapter_dir, summary, stopped_early=stopped_early)
+
+
+# ---------------------------------------------------------------------- helpers
+def _early_stop(loop: LoopState, eval_loss: float, cfg: RunConfig) -> bool:
+    if loop.best_eval is None or eval_loss < loop.best_eval:
+        loop.best_eval, loop.evals_without_improvement = eval_loss, 0
+        return False
+    loop.evals_without_improvement += 1
+    patience = cfg.train.early_stopping_patience
+    return bool(patience and loop.evals_without_improvement >= patience)
+
+
+def _line(record: dict, total: int) -> str:
+    text = f"step {record['step']}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e}"
+    if record.get("eval_loss") is not None:
+        text += f" eval_loss {record['eval_loss']:.4f}"
+    return text + f" {record['tokens_per_s']:.0f} sup-tok/s"
+
+
+def _save_full_weights(model, folder: Path) -> None:
+    from lorakit.lora.io import atomic_save_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied weights share storage: keep one name
+    seen, unique = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape)
+        if key not in seen:
+            seen[key] = k
+            unique[k] = v.clone()
+    atomic_save_safetensors(unique, folder / "model.safetensors")
+
+
+def _load_full_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+
+
+def _save_full_model(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _tensorboard(cfg: RunConfig, run_dir: Path):
+    if "tensorboard" not in cfg.train.report_to:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.report_to=[tensorboard] needs the tensorboard package: "
+                          "pip install 'lorakit[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class _Progress:
+    """A rich progress bar on a terminal; nothing otherwise (the recipe logs lines instead)."""
+
+    def __init__(self, total: int, done: int, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total, self.done = total, done
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                      TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.done,
+                                                 info="")
+        return self
+
+    def update(self, step: int, loss: float, tok_s: float, eval_loss: float | None) -> None:
+        if self._progress is not None:
+            info = f"loss {loss:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss is not None else "")
+            self._progress.update(self._task, completed=step, info=f"{info} {tok_s:.0f} tok/s")
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
