@@ -19,7 +19,9 @@ applies a *different* adapter to each row of a batch (``row_adapters``), and tra
 a small, readable module; PEFT's on-disk format is kept exactly (see ``lorakit.lora.io``).
 
 The base layer may be ``nn.Linear``, transformers' ``Conv1D`` (GPT-2: weight stored (in, out))
-or, later, a 4-bit bitsandbytes layer; ``base_weight()`` hides the difference.
+or a bitsandbytes ``Linear4bit`` (QLoRA, see ``lorakit.models.quantize``); ``base_weight()``
+hides the difference. Adapters over a 4-bit base stay float32 (or bf16 when asked) and are
+never merged into it: ``lorakit.export.merge`` merges into a dequantized copy.
 """
 
 from __future__ import annotations
@@ -82,7 +84,13 @@ class LoraLayer(nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
                     use_dora: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        """Create adapter ``name``: A Kaiming-uniform, B zero (the layer's output is unchanged)."""
+        """Create adapter ``name``: A Kaiming-uniform, B zero (the layer's output is unchanged).
+
+        The adapter lives on the base weight's device in ``dtype`` (float32 by default), whatever
+        the base's storage: a 4-bit base stores uint8 codes, which is no dtype for an adapter.
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"adapter dtype must be a floating point dtype, got {dtype}")
         device = self.base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -119,20 +127,27 @@ class LoraLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def base_device(self) -> torch.device:
-        return next(self.base_layer.parameters()).device
+        return self.base_layer.weight.device
+
+    def base_is_4bit(self) -> bool:
+        """True when the base weight is packed 4-bit (a bitsandbytes ``Params4bit``)."""
+        return getattr(self.base_layer.weight, "quant_state", None) is not None
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as a dense (out, in) tensor (dequantized for 4-bit layers)."""
+        """The frozen weight as a dense (out, in) tensor; a 4-bit weight is dequantized into a
+        temporary (``bitsandbytes.functional.dequantize_4bit``), never kept."""
         weight = self.base_layer.weight
-        dequantize = getattr(self.base_layer, "lorakit_dequantize", None)
-        if dequantize is not None:
-            return dequantize()
+        if self.base_is_4bit():
+            from lorakit.models.quantize import dequantize_weight
+
+            return dequantize_weight(weight)
         return weight.T if self.fan_in_fan_out else weight
 
     def _write_base_weight(self, dense: torch.Tensor) -> None:
-        if getattr(self.base_layer, "lorakit_dequantize", None) is not None:
-            raise RuntimeError("refusing to merge into 4-bit weights: merge into a dequantized "
-                               "copy instead (lorakit.export.merge)")
+        if self.base_is_4bit():
+            raise RuntimeError("refusing to merge into 4-bit weights: re-quantizing would add a "
+                               "second rounding error. Merge into a dequantized 16/32-bit copy "
+                               "with lorakit.export.merge.merge_adapter_into_base(model)")
         weight = self.base_layer.weight
         weight.data.copy_(dense.T if self.fan_in_fan_out else dense)
 
@@ -148,7 +163,8 @@ class LoraLayer(nn.Module):
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         x_lora = dropout(x.to(lora_A.weight.dtype))
-        update = lora_B(lora_A(x_lora)) * self.scaling[name]  # (..., out)
+        # scale the (..., r) intermediate, not the (..., out) update: r is much smaller
+        update = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., out)
         if name in self.lora_magnitude_vector:
             update = self._dora_delta(name, x_lora, base_out, update,
                                       fresh_base=not isinstance(dropout, nn.Identity) and self.training)
@@ -178,7 +194,18 @@ class LoraLayer(nn.Module):
         name = self.active_adapter
         if name is None or name in self.merged_adapters or name not in self.lora_A:
             return result
-        return result + self._delta(name, x, result)
+        if name in self.lora_magnitude_vector:
+            return result + self._delta(name, x, result)
+        return self._add_lora(result, name, x)
+
+    def _add_lora(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + scaling * B A dropout(x)`` with one fused ``addmm`` for the B product
+        (no separate (..., out) temporary; this is the hot path in training)."""
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))) * self.scaling[name]  # (..., r)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          lora_B.weight.t().to(result.dtype))  # (N, out)
+        return out.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter ``row_adapters[i]`` (None = base only)."""
