@@ -1,6 +1,6 @@
 """Build the text-to-SQL example: a small shop database and question/SQL pairs over it.
 
-Run ``python examples/sql/build.py`` (or ``--out DIR``) to (re)create
+Run ``python lorakit/examples/sql/build.py`` (or ``--out DIR``) to (re)create
 
 * ``shop.db``      -- customers, products, orders (SQLite, a few hundred rows),
 * ``train.jsonl``  -- about 400 ``{"prompt", "completion"}`` pairs,
