@@ -26,6 +26,11 @@ def add_parsers(subparsers) -> None:
                "  lorakit info ./my-model --json")
     info.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    info.add_argument("--quantization", choices=["nf4", "fp4"], default=None,
+                      help="also report the base-weight bytes once the decoder-block linear layers "
+                           "are 4-bit (bitsandbytes layout, block size 64), computed exactly")
+    info.add_argument("--no-double-quant", action="store_true",
+                      help="with --quantization: without double quantization of the constants")
     info.set_defaults(func=run_info)
 
     gen = subparsers.add_parser(
@@ -65,6 +70,14 @@ def run_info(args) -> int:
     from lorakit.models.load import model_info
 
     info = model_info(args.model)
+    if args.quantization:
+        from lorakit.models.load import _meta_model, resolve_spec
+        from lorakit.models.quantize import estimate_quantized_bytes
+
+        meta, _ = _meta_model(resolve_spec(args.model))
+        info["quantized"] = {"type": args.quantization, "double_quant": not args.no_double_quant,
+                             **estimate_quantized_bytes(meta, args.quantization,
+                                                        not args.no_double_quant)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -91,6 +104,12 @@ def run_info(args) -> int:
     console.print(table)
     console.print(mem)
     console.print(info["memory_note"], style="dim", highlight=False)
+    if "quantized" in info:
+        q = info["quantized"]
+        console.print(f"{q['type']}{' + double quant' if q['double_quant'] else ''}: quantized layers "
+                      f"{_gib(q['quantized_bytes'])} ({q['bits_per_param']:.3f} bits/param, "
+                      f"{q['ratio_vs_bf16']:.3f} x bf16), other weights {_gib(q['other_bytes'])}, "
+                      f"total {_gib(q['total_bytes'])}", highlight=False)
     return 0
 
 

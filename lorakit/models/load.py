@@ -211,7 +211,8 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
     return _from_pretrained(AutoTokenizer, resolve_spec(spec))
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, device=None):
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, device=None,
+               quantization: str | None = None, double_quant: bool = True, compute_dtype=None):
     """Load a causal LM and its tokenizer from a model spec, in eval mode.
 
     Args:
@@ -219,6 +220,10 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
         dtype: None (bfloat16 on a capable CUDA device, else float32), a torch.dtype, or a
             name: "auto", "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16".
         device: where to put the model; None = CUDA when available, else CPU.
+        quantization: None, "nf4" or "fp4": the linear layers inside the decoder blocks become
+            bitsandbytes 4-bit layers (block size 64; see ``lorakit.models.quantize``).
+        double_quant: quantize the 4-bit absmax constants too (QLoRA's double quantization).
+        compute_dtype: dtype 4-bit layers compute in (None: bf16 on capable CUDA, else fp32).
 
     Returns:
         ``(model, tokenizer)``; the model has ``lorakit_spec`` and ``lorakit_quantization``.
@@ -237,9 +242,14 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype)
     tokenizer = _from_pretrained(AutoTokenizer, resolved, source)
     model.to(device)
+    model.lorakit_quantization = None
+    if quantization is not None:
+        from lorakit.models.quantize import quantize_model
+
+        quantize_model(model, quant_type=quantization, double_quant=double_quant,
+                       compute_dtype=compute_dtype)  # sets model.lorakit_quantization
     model.eval()
     model.lorakit_spec = resolved.spec
-    model.lorakit_quantization = None
     return model, tokenizer
 
 

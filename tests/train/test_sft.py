@@ -211,3 +211,19 @@ def test_full_fine_tuning_runs_and_saves_a_model(tiny_model_dir, arithmetic_data
     diff = max(float((a - b).abs().max()) for a, b in zip(tuned.parameters(), base.parameters()))
     assert diff > 0  # every weight was trainable and moved
     assert (result.run_dir / "checkpoints" / "step-3" / "model.safetensors").is_file()
+
+
+def test_qlora_runs_end_to_end_and_leaves_base_untouched(tiny_model_dir, arithmetic_data, tmp_path):
+    import lorakit
+
+    cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "run", "method=qlora", "train.max_steps=3",
+               "quantization.compute_dtype=float32")
+    result = train(cfg, progress=False, log=lambda m: None)
+    manifest = json.loads((result.adapter_dir / "lorakit.json").read_text())
+    assert manifest["quantization"]["type"] == "nf4" and manifest["quantization"]["double_quant"]
+    # the adapter trained over 4-bit layers loads onto a freshly quantized base and changes it
+    model, _ = lorakit.load_model(tiny_model_dir, quantization="nf4", compute_dtype="float32")
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    before = model(ids).logits
+    lorakit.load_adapter(model, result.adapter_dir)
+    assert (model(ids).logits - before).abs().max() > 0
