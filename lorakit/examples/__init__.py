@@ -19,7 +19,7 @@ def example_config() -> dict:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": str(SQL_DIR / "train.jsonl"), "eval": str(SQL_DIR / "eval.jsonl"),
                  "max_length": 256, "packing": True, "train_on": "all_assistant"},
-        "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1, "lr": 2.0e-4,
+        "train": {"epochs": 2, "batch_size": 8, "grad_accum": 1, "lr": 2.0e-4,
                   "scheduler": "cosine", "warmup": 0.03, "precision": "auto", "seed": 0},
         "output_dir": None,
     }
