@@ -11,6 +11,7 @@ load, report) and the stages of ``check_data`` in-process. Prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -34,7 +35,7 @@ def _vocabulary(rng: random.Random, size: int = 20_000) -> tuple[list[str], list
     words = sorted(w[1:] for w in vocab if w.startswith("\u0120") and w[1:].isalpha() and w[1:].islower())
     words = words[:size] if len(words) > size else words
     rng.shuffle(words)
-    return words, [1.0 / (rank + 1) for rank in range(len(words))]
+    return words, list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(words))))
 
 
 _VOCAB: tuple[list[str], list[float]] | None = None
@@ -44,7 +45,7 @@ def _sentence(rng: random.Random, n: int) -> str:
     global _VOCAB
     if _VOCAB is None:
         _VOCAB = _vocabulary(random.Random(1))
-    words = rng.choices(_VOCAB[0], weights=_VOCAB[1], k=n)
+    words = rng.choices(_VOCAB[0], cum_weights=_VOCAB[1], k=n)
     if rng.random() < 0.3:
         words[rng.randrange(n)] = str(rng.randint(0, 9999))
     return " ".join(words).capitalize() + "."

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lorakit.data.dedup import duplicate_groups, normalize_text, word_ids
+from lorakit.data.dedup import connected_groups, duplicate_edges, normalize_text, word_ids
 from lorakit.data.formats import DataIssue, Example, load_examples
 from lorakit.data.split import example_key
 from lorakit.data.tokenize import IGNORE_INDEX, supervised_segments, tokenize_examples
@@ -105,16 +105,29 @@ def _diversity(examples: Sequence[Example]) -> dict:
     return {"distinct_1": round(float(distinct_1), 4), "distinct_2": round(float(distinct_2), 4)}
 
 
-def _leakage(train: Sequence[Example], evals: Sequence[Example], threshold: float) -> dict:
-    keys = [example_key(ex) for ex in list(train) + list(evals)]
-    texts = [ex.all_text() for ex in list(train) + list(evals)]
-    group, exact = duplicate_groups(texts, threshold=threshold, exact_keys=keys)
+def _duplicates(train: Sequence[Example], evals: Sequence[Example], threshold: float,
+                ) -> tuple[dict, dict | None]:
+    """Duplicates within train, and eval examples that duplicate a train example.
+
+    One MinHash pass over train + eval serves both: train's own groups use only the edges
+    between train examples.
+    """
+    both = list(train) + list(evals)
+    keys = [example_key(ex) for ex in both]
+    left, right, exact = duplicate_edges([ex.all_text() for ex in both], threshold=threshold,
+                                         exact_keys=keys)
     n = len(train)
-    train_groups = set(group[:n].tolist())
-    train_keys = set(keys[:n])
-    leaked_exact = sum(1 for k in keys[n:] if k in train_keys)
-    leaked = int(sum(1 for g in group[n:].tolist() if g in train_groups))
-    return {"eval_examples": len(evals), "exact": leaked_exact, "near": leaked - leaked_exact}
+    group = connected_groups(n, left, right)
+    n_exact = n - np.unique(exact[:n]).size
+    n_near = n - np.unique(group).size - n_exact
+    duplicates = {"exact": int(n_exact), "near": int(n_near), "threshold": threshold}
+    if not evals:
+        return duplicates, None
+    joint = connected_groups(len(both), left, right)
+    train_groups = set(joint[:n].tolist())
+    leaked_exact = int((exact[n:] < n).sum())  # first copy of the key is a train example
+    leaked = sum(1 for g in joint[n:].tolist() if g in train_groups)
+    return duplicates, {"eval_examples": len(evals), "exact": leaked_exact, "near": leaked - leaked_exact}
 
 
 def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
@@ -169,10 +182,10 @@ def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
         report["truncated"] = int((lengths > max_length).sum())
         supervised = total = lost = 0
         for it in items:
-            labels = np.asarray(it["labels"][:max_length])
-            sup = int((labels[1:] != IGNORE_INDEX).sum())  # position 0 is never a target
+            labels = it["labels"][1:max_length]  # position 0 is never a target
+            sup = len(labels) - labels.count(IGNORE_INDEX)
             supervised += sup
-            total += len(labels)
+            total += len(labels) + 1
             lost += sup == 0
         report["supervised_share"] = round(supervised / total, 4) if total else 0.0
         report["no_supervised_tokens"] = int(lost)
@@ -183,17 +196,10 @@ def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
                       no_supervised_tokens=None)
 
     # duplicates, conflicts, diversity, leakage
-    if n:
-        group, exact = duplicate_groups([ex.all_text() for ex in examples], threshold=near_threshold,
-                                        exact_keys=[example_key(ex) for ex in examples])
-        n_exact = n - np.unique(exact).size
-        n_near = n - np.unique(group).size - n_exact
-    else:
-        n_exact = n_near = 0
-    report["duplicates"] = {"exact": int(n_exact), "near": int(n_near), "threshold": near_threshold}
+    report["duplicates"], report["leakage"] = _duplicates(examples, evals if eval_files else [],
+                                                          near_threshold)
     report["conflicts"] = _conflicts(examples)
     report["diversity"] = _diversity(examples) if n else {"distinct_1": 0.0, "distinct_2": 0.0}
-    report["leakage"] = _leakage(examples, evals, near_threshold) if eval_files else None
     report["warnings"] = _warnings(report, kinds)
     report["preview"] = [
         {"file": ex.source[0], "line": ex.source[1],

@@ -12,7 +12,9 @@ that differ only in case, punctuation or spacing are near-duplicates with simila
 
 from __future__ import annotations
 
+import itertools
 import string
+from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
@@ -38,14 +40,15 @@ def word_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
         ``(ids, lengths, vocab_size)``: all texts' word ids concatenated (int64), the number
         of words of each text, and the number of distinct words.
     """
-    vocab: dict[str, int] = {}
+    # a new word gets the next id: the lookups then run in C (map + defaultdict)
+    vocab: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+    lookup = vocab.__getitem__
     ids: list[int] = []
     lengths = np.empty(len(texts), dtype=np.int64)
-    get = vocab.setdefault
     for t, text in enumerate(texts):
         tokens = text.lower().translate(_PUNCTUATION).split()
         lengths[t] = len(tokens)
-        ids.extend([get(w, len(vocab)) for w in tokens])
+        ids.extend(map(lookup, tokens))
     return np.asarray(ids, dtype=np.int64), lengths, len(vocab)
 
 
@@ -95,11 +98,15 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 64, ngram: int = 3,
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
     b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    buffer = np.empty_like(hashes)
+    rows = np.flatnonzero(~empty)
     with np.errstate(over="ignore"):
         for p in range(num_perm):
-            # multiply-shift universal hash: the high 32 bits of a*h + b
-            v = ((hashes * a[p] + b[p]) >> np.uint64(32)).astype(np.uint32)
-            sig[~empty, p] = np.minimum.reduceat(v, seg)
+            # multiply-shift universal hash: the high 32 bits of a*h + b (in place: 10M+ shingles)
+            np.multiply(hashes, a[p], out=buffer)
+            np.add(buffer, b[p], out=buffer)
+            np.right_shift(buffer, np.uint64(32), out=buffer)
+            sig[rows, p] = np.minimum.reduceat(buffer, seg)
     return sig, empty
 
 
@@ -123,10 +130,10 @@ def _union_find(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
             return label
 
 
-def duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 64,
-                     bands: int = 16, exact_keys: Sequence | None = None,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Group texts that are exact or near duplicates of each other.
+def duplicate_edges(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 64,
+                    bands: int = 16, exact_keys: Sequence | None = None,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of texts that are exact or near duplicates.
 
     Args:
         texts: the texts to compare.
@@ -137,16 +144,16 @@ def duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm: int
         seed: seed of the hash functions.
 
     Returns:
-        ``(group, exact_group)``: for each text the index of the first text of its
-        near-duplicate group and of its exact-duplicate group (a text alone in its group
-        points to itself). Exact duplicates are always in the same near group.
+        ``(left, right, exact)``: edge arrays linking duplicates (enough edges to connect
+        every duplicate group, not every pair), and for each text the index of the first
+        text with the same exact key.
     """
     n = len(texts)
     keys = texts if exact_keys is None else exact_keys
     first: dict = {}
     exact = np.fromiter((first.setdefault(k, i) for i, k in enumerate(keys)), dtype=np.int64, count=n)
     if n == 0:
-        return exact, exact
+        return exact, exact, exact
     sig, empty = minhash_signatures(texts, num_perm=num_perm, seed=seed)
     rows = num_perm // bands
     left, right = [exact], [np.arange(n, dtype=np.int64)]
@@ -157,6 +164,8 @@ def duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm: int
             block = sig[valid, band * rows:(band + 1) * rows].astype(np.uint64)
             key = (block * mixer).sum(axis=1)
             _, inverse = np.unique(key, return_inverse=True)
+            # link each bucket member to the bucket's first member (a star, not all pairs,
+            # so one huge bucket of copies costs O(size), not O(size^2))
             rep = np.full(inverse.max() + 1, len(valid), dtype=np.int64)
             np.minimum.at(rep, inverse, np.arange(len(valid)))
             rep = rep[inverse]
@@ -168,5 +177,27 @@ def duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm: int
             keep = similarity >= threshold
             left.append(a[keep])
             right.append(b[keep])
-    group = _union_find(n, np.concatenate(left), np.concatenate(right))
-    return group, exact
+    return np.concatenate(left), np.concatenate(right), exact
+
+
+def connected_groups(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """For each of ``n`` items, the smallest index in its group under the edges; edges
+    touching an index ``>= n`` are ignored (so a subset's groups come from the same edges)."""
+    keep = (left < n) & (right < n)
+    return _union_find(n, left[keep], right[keep])
+
+
+def duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 64,
+                     bands: int = 16, exact_keys: Sequence | None = None,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Group texts that are exact or near duplicates of each other.
+
+    Arguments as in :func:`duplicate_edges`.
+
+    Returns:
+        ``(group, exact_group)``: for each text the index of the first text of its
+        near-duplicate group and of its exact-duplicate group (a text alone in its group
+        points to itself). Exact duplicates are always in the same near group.
+    """
+    left, right, exact = duplicate_edges(texts, threshold, num_perm, bands, exact_keys, seed)
+    return connected_groups(len(texts), left, right), exact
