@@ -22,8 +22,8 @@ def add_parsers(subparsers) -> None:
                     "report lengths, truncation, supervised share, duplicates, conflicts, "
                     "diversity and train/eval leakage.")
     check.add_argument("files", nargs="+", metavar="FILE", help="training data (JSONL or a JSON list)")
-    check.add_argument("--eval", dest="eval_files", nargs="+", metavar="FILE",
-                       help="eval data, checked for leakage from the training files")
+    check.add_argument("--eval", dest="eval_files", action="append", metavar="FILE",
+                       help="eval data, checked for leakage from the training files (repeatable)")
     check.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"model whose tokenizer and chat template to use (default {DEFAULT_MODEL}; "
                             "'none' counts words instead)")

@@ -353,7 +353,7 @@ def _iter_file(path: Path) -> Iterable[tuple[int, Any, DataIssue | None]]:
     return _records_jsonl(text, str(path))
 
 
-def _iter_rows(rows: Iterable[Any], name: str) -> Iterable[tuple[int, Any, DataIssue | None]]:
+def _iter_rows(rows: Iterable[Any]) -> Iterable[tuple[int, Any, DataIssue | None]]:
     for i, row in enumerate(rows, start=1):
         yield i, dict(row) if hasattr(row, "keys") and not isinstance(row, dict) else row, None
 
@@ -382,7 +382,7 @@ def load_examples(path_or_dataset: Any, format: str = "auto", strict: bool = Fal
         records = _iter_file(Path(path_or_dataset))
     else:
         name = "<dataset>" if hasattr(path_or_dataset, "column_names") else "<memory>"
-        records = _iter_rows(path_or_dataset, name)
+        records = _iter_rows(path_or_dataset)
 
     examples: list[Example] = []
     errors: list[DataIssue] = []

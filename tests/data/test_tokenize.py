@@ -211,3 +211,26 @@ def test_collate_with_pad_equal_to_eos_matches_unpadded_loss():
             n = sum(lab != IGNORE_INDEX for lab in it["labels"][1:])
             total, count = total + loss * n, count + n
     torch.testing.assert_close(padded, total / count, rtol=0, atol=1e-5)
+
+
+class _SlowTokenizer:
+    """A tokenizer without a Rust backend (no offset mapping): labels come from encoding
+    the supervised spans piece by piece."""
+
+    def __init__(self, fast):
+        self._fast = fast
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._fast, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fast(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_tokenizer_without_offsets_labels_the_same_spans(smol_tokenizer):
+    slow = _SlowTokenizer(smol_tokenizer)
+    item = tokenize_example(Example("chat", messages=MULTI_TURN), slow)
+    assert _supervised_runs(item, smol_tokenizer) == ["4<|im_end|>", "Paris, of course.<|im_end|>"]
