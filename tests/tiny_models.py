@@ -51,3 +51,20 @@ def make_tiny_model(family: str, seed: int = 0, dtype=torch.float32):
 def sample_input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def save_tiny_folder(path, family: str = "llama"):
+    """A tiny model + a word-level tokenizer (no pad token, no chat template) saved in ``path``
+    as a Hugging Face folder; returns the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    model = make_tiny_model(family)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

@@ -8,23 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from tiny_models import make_tiny_model
-
-
-def save_tiny_folder(path: Path, family: str = "llama"):
-    """A tiny model + a word-level tokenizer (no chat template) in ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
-    model = make_tiny_model(family)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
+from tiny_models import make_tiny_model, save_tiny_folder
 
 
 def test_info_json_reports_parameters_and_target_modules(tmp_path, capsys):

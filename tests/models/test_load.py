@@ -16,25 +16,9 @@ from lorakit.models import cache
 from lorakit.models import load as load_mod
 from lorakit.models.load import (generate, load_model, load_tokenizer, model_info,
                                  resolve_dtype, resolve_spec)
-from tiny_models import make_tiny_model, sample_input_ids
+from tiny_models import make_tiny_model, save_tiny_folder, sample_input_ids
 
 ALIAS = "smollm2-135m-instruct"
-
-
-def save_tiny_folder(path: Path, family: str = "llama"):
-    """A tiny model + a word-level tokenizer (no pad token, no chat template) in ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
-    model = make_tiny_model(family)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
 
 
 def logits(model, ids=None):
