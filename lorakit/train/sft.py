@@ -179,6 +179,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
         f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}")
 
+    summary_writer = _summary_writer_class(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
@@ -195,7 +196,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         log(f"resumed from {resume_from} (step {loop.step})")
     metrics = common.MetricsLog(run_dir / "metrics.jsonl",
                                 resume_step=loop.step if resume_from is not None else None)
-    tb = _tensorboard(cfg, run_dir)
+    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer else None
 
     def save_weights(folder: Path) -> None:
         if cfg.method == "full":
@@ -367,7 +368,9 @@ def _save_full_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _tensorboard(cfg: RunConfig, run_dir: Path):
+def _summary_writer_class(cfg: RunConfig):
+    """TensorBoard's SummaryWriter when ``train.report_to`` asks for it (checked before the run
+    folder is written, so a missing package leaves nothing behind)."""
     if "tensorboard" not in cfg.train.report_to:
         return None
     try:
@@ -375,7 +378,7 @@ def _tensorboard(cfg: RunConfig, run_dir: Path):
     except ImportError:
         raise ConfigError("train.report_to=[tensorboard] needs the tensorboard package: "
                           "pip install 'lorakit[tensorboard]'") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter
 
 
 class _Progress:
