@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import ConfigError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+_MODEL_KEYS = ["name", "device_map"]  # `model:` written as a mapping
 
 # names users bring from PEFT / TRL / transformers -> ours
 _SYNONYMS = {
@@ -100,12 +101,18 @@ class TrainSection(_Section):
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
     report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    # several processes (torchrun / --nproc): replicate the model (ddp) or shard it (fsdp);
+    # batch_size is per process. See docs/distributed.md.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class RunConfig(_Section):
     """Everything a training run needs. See ``examples/`` for complete files."""
 
     model: str = DEFAULT_MODEL
+    # written `model: {name: NAME, device_map: auto}` (or the override model.device_map=auto);
+    # kept beside `model` so `cfg.model` stays the model spec. See docs/distributed.md.
+    device_map: Optional[Union[Literal["auto", "balanced", "sequential"], dict[str, Union[int, str]]]] = None
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -113,6 +120,22 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     output_dir: Optional[str] = None
     resume: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_section(cls, data: Any) -> Any:
+        """``model: {name, device_map}`` -> ``model`` (the spec) and ``device_map``."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            section = dict(data["model"])
+            unknown = [k for k in section if k not in _MODEL_KEYS]
+            if unknown:
+                raise ValueError(f"unknown key 'model.{unknown[0]}'"
+                                 f"{did_you_mean(unknown[0], _MODEL_KEYS)}; valid keys under "
+                                 f"model: {', '.join(_MODEL_KEYS)}")
+            data = {**data, "model": section.get("name", DEFAULT_MODEL)}
+            if "device_map" in section:
+                data["device_map"] = section["device_map"]
+        return data
 
     @field_validator("model")
     @classmethod
@@ -129,7 +152,11 @@ class RunConfig(_Section):
         return Path("runs") / f"{name}-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        device_map = data.pop("device_map", None)
+        if device_map is not None:
+            data["model"] = {"name": data["model"], "device_map": device_map}
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -150,6 +177,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
         node = result
         parts = key.split(".")
+        # `model=NAME` together with `model.device_map=auto`: the name goes to model.name
+        if parts == ["model"] and isinstance(result.get("model"), dict):
+            parts = ["model", "name"]
+        elif parts[0] == "model" and isinstance(result.get("model"), str):
+            result["model"] = {"name": result["model"]}
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -161,6 +193,10 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
+        if key == "model" and isinstance(value, dict) and isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}  # `model: NAME` then `model.device_map=auto`
+        elif key == "model" and isinstance(value, str) and isinstance(out.get(key), dict):
+            value = {**out[key], "name": value}  # `model: {..}` then `model=OTHER`
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:

@@ -152,7 +152,8 @@ def _target_modules_for_file(model: nn.Module, config: LoraConfig, name: str):
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
-                 tokenizer=None, extra_manifest: dict | None = None) -> Path:
+                 tokenizer=None, extra_manifest: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Save adapter ``name`` as a PEFT-compatible folder with a lorakit manifest.
 
     Args:
@@ -161,6 +162,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         name: which adapter.
         tokenizer: when given, its chat template's hash goes into the manifest.
         extra_manifest: more fields for ``lorakit.json`` (e.g. the training run).
+        state: the adapter tensors to write, when the model's own are sharded across
+            processes (FSDP) and were gathered first; None reads them from ``model``.
 
     Returns:
         The folder's path.
@@ -173,7 +176,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                            f"{', '.join(_adapters(model)) or 'none'}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model, name)
+    state = adapter_state_dict(model, name) if state is None else state
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model) if name in layer.lora_A)
     base_spec = getattr(model, "lorakit_spec", None) or getattr(model.config, "_name_or_path", None)
     peft_config = {

@@ -212,7 +212,8 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, device=None,
-               quantization: str | None = None, double_quant: bool = True, compute_dtype=None):
+               quantization: str | None = None, double_quant: bool = True, compute_dtype=None,
+               device_map=None):
     """Load a causal LM and its tokenizer from a model spec, in eval mode.
 
     Args:
@@ -224,6 +225,9 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
             bitsandbytes 4-bit layers (block size 64; see ``lorakit.models.quantize``).
         double_quant: quantize the 4-bit absmax constants too (QLoRA's double quantization).
         compute_dtype: dtype 4-bit layers compute in (None: bf16 on capable CUDA, else fp32).
+        device_map: None (everything on ``device``), or "auto" / "balanced" / "sequential" / a
+            dict: accelerate places whole decoder blocks across the visible GPUs (then CPU) in
+            one process, as transformers' ``device_map`` does; ``device`` is then ignored.
 
     Returns:
         ``(model, tokenizer)``; the model has ``lorakit_spec`` and ``lorakit_quantization``.
@@ -239,9 +243,11 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     torch_dtype = resolve_dtype(dtype, device)
     resolved = resolve_spec(spec)
     source = _hf_source(resolved)
-    model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype)
+    placed = {"device_map": device_map} if device_map is not None else {}
+    model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype, **placed)
     tokenizer = _from_pretrained(AutoTokenizer, resolved, source)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.lorakit_quantization = None
     if quantization is not None:
         from lorakit.models.quantize import quantize_model

@@ -12,6 +12,7 @@ Fine-tune a model with LoRA, QLoRA or full fine-tuning.
   lorakit train run.yaml                      # your config
   lorakit train run.yaml train.lr=1e-4 lora.r=8 output_dir=runs/r8
   lorakit train run.yaml resume=true          # continue from the last checkpoint
+  lorakit train run.yaml --nproc 4            # 4 processes (torchrun), train.strategy=ddp|fsdp
 
 Config keys (YAML, or dotted key=value overrides):
   model, method (lora|qlora|full), output_dir, resume,
@@ -20,7 +21,8 @@ Config keys (YAML, or dotted key=value overrides):
   data.{train, eval, eval_fraction, format, max_length, packing, train_on},
   train.{epochs, max_steps, batch_size, grad_accum, lr, scheduler, warmup, weight_decay,
          max_grad_norm, precision, grad_checkpointing, seed, eval_every, save_every,
-         keep_checkpoints, early_stopping_patience, log_every, report_to}
+         keep_checkpoints, early_stopping_patience, log_every, report_to, strategy},
+  model.{name, device_map}  (model: NAME is short for model.name)
 The run folder gets config.yaml, adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.
 """
 
@@ -32,6 +34,10 @@ def add_parsers(sub) -> None:
                    help="a YAML config file and/or dotted overrides")
     p.add_argument("--resume", action="store_true", help="same as resume=true")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine (runs torchrun for you: one per "
+                        "GPU, or gloo on CPU); train.batch_size is per process, "
+                        "train.strategy=ddp|fsdp. See docs/distributed.md")
     p.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job: base vs LoRA-tuned SmolLM2 on text-to-SQL",
@@ -61,16 +67,23 @@ def _split(items: list[str]) -> tuple[str | None, list[str]]:
 def _train(args) -> int:
     from lorakit.config import load_config
     from lorakit.examples import example_config
+    from lorakit.train.distributed import launched_rank
     from lorakit.train.sft import train
 
     path, overrides = _split(args.items)
     if args.resume:
         overrides.append("resume=true")
     cfg = load_config(path, overrides, base=None if path else example_config())
+    if args.nproc is not None:  # config checked above; now the same command in N processes
+        from lorakit.train.distributed import launch
+
+        return launch(args.nproc, ["train", *args.items, *(["--resume"] if args.resume else []),
+                                   *(["--no-progress"] if args.no_progress else [])])
     result = train(cfg, progress=False if args.no_progress else None)
     if result.interrupted:
         return 130
-    _print_summary(result)
+    if launched_rank() == 0:
+        _print_summary(result)
     return 0
 
 

@@ -167,6 +167,7 @@ class LoopState:
     last_loss: float | None = None
     last_eval_loss: float | None = None
     history: list = field(default_factory=list)  # (step, loss, eval_loss) for the plot
+    micro_rows: int | None = None  # rows per global micro-batch (batch_size x processes)
 
 
 def _rng_state() -> dict:

@@ -25,7 +25,7 @@ import torch
 
 from lorakit.config import RunConfig
 from lorakit.errors import ConfigError, DataError
-from lorakit.train import common
+from lorakit.train import common, distributed
 from lorakit.train.common import LoopState, TrainingError
 
 
@@ -52,7 +52,8 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: str):
         q = cfg.quantization
         kwargs = dict(quantization=q.type, double_quant=q.double_quant,
                       compute_dtype=q.compute_dtype)
-    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device, **kwargs)
+    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device,
+                                  device_map=cfg.device_map, **kwargs)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -119,27 +120,34 @@ def make_batch(rows: list[dict], idx: list[int], pad_id: int, packed: bool, devi
     from lorakit.data.packing import collate_packed
     from lorakit.data.tokenize import collate
 
-    chosen = [rows[i] for i in idx]
+    # a process whose share of the batch is empty runs one row with nothing supervised
+    chosen = [rows[i] for i in idx] if idx else [distributed.empty_row(rows[0])]
     batch = collate_packed(chosen, pad_id) if packed else collate(chosen, pad_id)
     return {k: v.to(device) for k, v in batch.items() if k in
             ("input_ids", "labels", "position_ids", "attention_mask")}
 
 
 @torch.no_grad()
-def evaluate(model, rows, cfg, pad_id, device, precision) -> float | None:
-    """Mean loss over every supervised token of the eval rows."""
+def evaluate(model, rows, cfg, pad_id, device, precision, *, loss_module=None,
+             dist: distributed.Dist | None = None) -> float | None:
+    """Mean loss over every supervised token of the eval rows (each process scores its share
+    of every batch when ``dist`` spans several)."""
     if not rows:
         return None
+    dist = dist or distributed.Dist()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), cfg.train.batch_size):
-        batch = make_batch(rows, list(range(start, min(start + cfg.train.batch_size, len(rows)))),
-                           pad_id, cfg.data.packing, device)
+    step = cfg.train.batch_size * dist.world_size
+    for start in range(0, len(rows), step):
+        idx = dist.shard(list(range(start, min(start + step, len(rows)))))
+        batch = make_batch(rows, idx, pad_id, cfg.data.packing, device)
         with common.autocast(precision, device):
-            loss_sum, n = common.supervised_loss(model, batch)
+            loss_sum, n = (loss_module(batch) if loss_module is not None
+                           else common.supervised_loss(model, batch))
         total += float(loss_sum)
         count += n
+    total, count = dist.all_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -148,15 +156,27 @@ def evaluate(model, rows, cfg, pad_id, device, precision) -> float | None:
 def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainResult:
     """Run supervised fine-tuning as ``cfg`` describes. Returns the run folder and summary.
 
+    Under torchrun every process calls this; they form one process group for the run
+    (``lorakit.train.distributed``) and only rank 0 writes the run folder and logs.
+
     Raises:
         ConfigError / DataError: bad settings or data (no run folder is left behind).
         TrainingError: NaN loss or out of memory (the last good checkpoint is kept).
     """
+    dist = distributed.setup(cfg.train.strategy)
+    try:
+        distributed.check_compatible(cfg, dist)
+        return _run(cfg, dist, log or (lambda msg: print(msg, file=sys.stderr)), progress)
+    finally:
+        distributed.teardown(dist)
+
+
+def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> TrainResult:
     from lorakit.data.tokenize import pad_token_id
     from lorakit.lora.io import load_adapter_weights, save_adapter
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    device = common.default_device()
+    log = distributed.main_only(log, dist)
+    device = dist.device
     precision = common.resolve_precision(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
     resume_from = common.list_checkpoints(run_dir)[-1] if cfg.resume else None
@@ -169,66 +189,101 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
 
     # 1-2. model and data, before anything is written: bad input leaves no half-written run
     model, tokenizer, counts = setup_model(cfg, device, precision)
+    if cfg.device_map is not None:  # layers spread over devices: batches go where the input is
+        device = model.get_input_embeddings().weight.device
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer, log)
     pad_id = pad_token_id(tokenizer)
-    order = common.DataOrder(len(train_rows), cfg.train.batch_size, cfg.train.seed)
+    # one global micro-batch = batch_size rows on each process
+    order = common.DataOrder(len(train_rows), cfg.train.batch_size * dist.world_size,
+                             cfg.train.seed)
     micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
                    else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
     total_steps = -(-micro_total // cfg.train.grad_accum)
     log(f"{cfg.method} on {cfg.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
         f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
-        f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}")
+        f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}"
+        + (f", {dist.world_size} processes ({cfg.train.strategy}, batch {order.batch_size} rows "
+           f"per micro-step)" if dist.enabled else ""))
 
     summary_writer = _summary_writer_class(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    dist.barrier()  # every process has checked the run folder before rank 0 writes to it
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    # 3. optimizer, schedule, resume
-    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
-    loop = LoopState()
+    # 3. weights to resume from (before sharding), optimizer, schedule, resume
     if resume_from is not None:
         if cfg.method == "full":
             _load_full_weights(model, resume_from)
         else:
             load_adapter_weights(model, resume_from / "adapter")
-        loop = common.load_checkpoint(resume_from, optimizer, scheduler)
+    loss_module = dist.wrap(model)  # DDP / FSDP when several processes; the loss otherwise
+    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
+    loop = LoopState()
+    if resume_from is not None:
+        loop = common.load_checkpoint(resume_from, distributed.OptimizerView(dist, optimizer),
+                                      scheduler)
+        if loop.micro_rows and loop.micro_rows != order.batch_size:
+            loop.micro_index, exact = distributed.convert_position(
+                loop.micro_index, order.n_rows, loop.micro_rows, order.batch_size)
+            log(f"the checkpoint was written with {loop.micro_rows} rows per micro-step, this run "
+                f"uses {order.batch_size}: data position converted"
+                + ("" if exact else " (rounded up to the next micro-batch)"))
         log(f"resumed from {resume_from} (step {loop.step})")
-    metrics = common.MetricsLog(run_dir / "metrics.jsonl",
-                                resume_step=loop.step if resume_from is not None else None)
-    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer else None
+    loop.micro_rows = order.batch_size
+    metrics = (common.MetricsLog(run_dir / "metrics.jsonl",
+                                 resume_step=loop.step if resume_from is not None else None)
+               if dist.is_main else distributed.NullLog())
+    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer and dist.is_main else None
 
-    def save_weights(folder: Path) -> None:
+    def save_weights(folder: Path, adapter_state=None) -> None:
         if cfg.method == "full":
             _save_full_weights(model, folder)
         else:
-            save_adapter(model, folder / "adapter", tokenizer=tokenizer)
+            save_adapter(model, folder / "adapter", tokenizer=tokenizer, state=adapter_state)
 
     def checkpoint() -> Path:
-        return common.save_checkpoint(run_dir, model, optimizer, scheduler, loop, save_weights,
-                                      cfg.train.keep_checkpoints)
+        if not dist.enabled:
+            return common.save_checkpoint(run_dir, model, optimizer, scheduler, loop, save_weights,
+                                          cfg.train.keep_checkpoints)
+        # every process hands in its shards; rank 0 writes one whole checkpoint
+        opt_state = distributed.OptimizerView(dist, optimizer).state_dict()
+        adapter_state = dist.gather_adapter(model) if cfg.method != "full" else None
+        path = run_dir / "checkpoints" / f"step-{loop.step}"
+        if dist.is_main:
+            path = common.save_checkpoint(run_dir, model, distributed.Frozen(opt_state), scheduler,
+                                          loop, lambda f: save_weights(f, adapter_state),
+                                          cfg.train.keep_checkpoints)
+        dist.barrier()
+        return path
 
     # 4. the loop
     started = time.perf_counter()
     elapsed_before = loop.elapsed
     stopped_early = interrupted = False
-    bar = _Progress(total_steps, loop.step, enabled=progress)
+    bar = _Progress(total_steps, loop.step, enabled=progress if dist.is_main else False)
     try:
         with common.StopFlag() as stop, bar:
             while loop.step < total_steps:
+                if dist.enabled:
+                    distributed.reseed(cfg.train.seed, loop.step, dist.rank)
                 micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
                 chosen = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
-                batches = [make_batch(train_rows, rows, pad_id, cfg.data.packing, device)
+                batches = [make_batch(train_rows, dist.shard(rows), pad_id, cfg.data.packing, device)
                            for rows in chosen]
                 loop.tokens_seen += sum(len(train_rows[i]["input_ids"]) for r in chosen for i in r)
                 n_sup = sum(common.count_supervised(b) for b in batches)
+                n_sup = int(dist.all_sum([n_sup])[0])  # the whole step's, over all processes
                 step_loss = 0.0
-                for batch in batches:
-                    with common.autocast(precision, device):
-                        loss_sum, _ = common.supervised_loss(model, batch)
-                    (loss_sum / max(n_sup, 1)).backward()
+                for i, batch in enumerate(batches):
+                    # gradients are averaged over processes, hence x world_size; synced once
+                    with dist.sync_gradients(loss_module, i == len(batches) - 1):
+                        with common.autocast(precision, device):
+                            loss_sum, _ = loss_module(batch)
+                        (loss_sum * dist.world_size / max(n_sup, 1)).backward()
                     step_loss += float(loss_sum.detach())
-                loss = step_loss / max(n_sup, 1)
+                loss = dist.all_sum([step_loss])[0] / max(n_sup, 1)  # every process sees a NaN
                 if not torch.isfinite(torch.tensor(loss)):
                     optimizer.zero_grad(set_to_none=True)
                     last = common.list_checkpoints(run_dir)
@@ -238,8 +293,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
                         + f"Lower train.lr (now {cfg.train.lr}) or check the data.")
                 grad_norm = None
                 if cfg.train.max_grad_norm:
-                    params = [p for p in model.parameters() if p.requires_grad]
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                    grad_norm = dist.clip_grad_norm(model, cfg.train.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -254,7 +308,8 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
                           "tokens_per_s": loop.supervised_seen / max(now, 1e-9)}
                 eval_loss = None
                 if eval_rows and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
-                    eval_loss = evaluate(model, eval_rows, cfg, pad_id, device, precision)
+                    eval_loss = evaluate(model, eval_rows, cfg, pad_id, device, precision,
+                                         loss_module=loss_module, dist=dist)
                     record["eval_loss"] = loop.last_eval_loss = eval_loss
                     stopped_early = _early_stop(loop, eval_loss, cfg)
                 loop.history.append((loop.step, loss, eval_loss))
@@ -269,7 +324,8 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
                     log(_line(record, total_steps))
                 if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
                     checkpoint()
-                if stop.requested:
+                stop_now, stopped_early = dist.any([stop.requested, stopped_early])
+                if stop_now:
                     path = checkpoint()
                     log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
                     interrupted = True
@@ -293,22 +349,43 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         return TrainResult(run_dir, adapter_dir, {}, interrupted=True)
     final_eval = loop.last_eval_loss
     if eval_rows and (not cfg.train.eval_every or loop.step % cfg.train.eval_every):
-        final_eval = evaluate(model, eval_rows, cfg, pad_id, device, precision)
+        final_eval = evaluate(model, eval_rows, cfg, pad_id, device, precision,
+                              loss_module=loss_module, dist=dist)
         loop.history.append((loop.step, None, final_eval))
-        metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
-        metrics.write({"step": loop.step, "eval_loss": final_eval})
-        metrics.close()
+        if dist.is_main:
+            metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
+            metrics.write({"step": loop.step, "eval_loss": final_eval})
+            metrics.close()
+    adapter_state = dist.gather_adapter(model) if dist.enabled and cfg.method != "full" else None
+    summary = _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early,
+                       data_stats, dist)
+    if dist.is_main:
+        _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary)
+    dist.barrier()
+    return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
+
+
+def _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary) -> None:
+    """Final adapter (or model), loss plot and summary.json (rank 0 only)."""
+    from lorakit.lora.io import save_adapter
+
+    adapter_dir = run_dir / "adapter"
     tmp_adapter = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp_adapter, ignore_errors=True)
     if cfg.method == "full":
         _save_full_model(model, tokenizer, tmp_adapter)
     else:
         save_adapter(model, tmp_adapter, tokenizer=tokenizer,
-                     extra_manifest={"run": str(run_dir), "steps": loop.step})
+                     extra_manifest={"run": str(run_dir), "steps": loop.step}, state=adapter_state)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp_adapter.rename(adapter_dir)
     common.plot_losses(loop.history, run_dir / "loss.png", f"{cfg.method} on {cfg.model}")
-    summary = {
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early, data_stats,
+             dist) -> dict:
+    return {
         "method": cfg.method, "model": cfg.model, "steps": loop.step,
         "epochs": round(order.epoch_of(loop.micro_index), 4),
         "wall_time_s": round(loop.elapsed, 2), "tokens_seen": loop.tokens_seen,
@@ -319,10 +396,9 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         "final_train_loss": loop.last_loss, "final_eval_loss": final_eval,
         "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
         "precision": precision, "device": str(device), "stopped_early": stopped_early,
+        "world_size": dist.world_size, "strategy": cfg.train.strategy if dist.enabled else None,
         **data_stats,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return TrainResult(run_dir, adapter_dir, summary, stopped_early=stopped_early)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,0 +1,258 @@
+"""Several processes (torchrun, gloo on CPU): DDP and FSDP2 train the same adapter as one
+process with the same global batch, write the run folder once, and checkpoints move between
+1 and 2 processes. Plus the pieces that need no second process: the torchrun command behind
+``--nproc``, data positions across world sizes, the device_map placement plan, config keys.
+
+One torchrun launch (2 processes) serves all multi-process checks, because starting
+processes costs more than the tiny runs themselves.
+
+Tolerance: 1e-5 max abs difference on every adapter tensor (the issue's bound). Each step
+sums the same per-token losses in a different order (two half batches, then a gradient
+all-reduce), so results agree to float32 rounding, ~1e-8 after 4 steps here.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.config import load_config
+from lorakit.errors import ConfigError
+from lorakit.train import distributed
+from lorakit.train.sft import train
+
+TOL = 1e-5
+WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def _overrides(model_dir, data, out, batch_size, *extra):
+    # dropout 0: with dropout each process draws its own masks, so runs agree in distribution
+    # only. grad_accum 2: gradients are synchronised on the 2nd micro-step only.
+    return [f"model={model_dir}", f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'eval.jsonl'}", f"output_dir={out}", "data.max_length=128",
+            f"train.batch_size={batch_size}", "train.grad_accum=2", "train.precision=fp32",
+            "train.lr=1e-3", "lora.r=4", "lora.alpha=8", "lora.dropout=0", "train.max_steps=4",
+            "train.save_every=2", "train.keep_checkpoints=5", "train.eval_every=2", *extra]
+
+
+def _adapter(folder):
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _records(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rewind(src: Path, dst: Path) -> Path:
+    """A copy of run ``src`` as it was at step 2 (later checkpoint and final adapter gone)."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step-4")
+    shutil.rmtree(dst / "adapter")
+    (dst / "summary.json").unlink()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
+    """A 1-process reference run, then one 2-process launch doing DDP and FSDP runs from
+    scratch and resumed from the 1-process run's step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("dist")
+    single = train(load_config(None, _overrides(tiny_model_dir, arithmetic_data, root / "single", 4)),
+                   progress=False, log=lambda m: None)
+    _rewind(root / "single", root / "single_to_ddp")
+    _rewind(root / "single", root / "single_to_fsdp")
+
+    def two_proc(name, *extra):
+        return {"name": name,
+                "overrides": _overrides(tiny_model_dir, arithmetic_data, root / name, 2, *extra)}
+
+    plan = [two_proc("ddp", "train.report_to=[tensorboard]"),
+            two_proc("fsdp", "train.strategy=fsdp"),
+            two_proc("single_to_ddp", "resume=true"),
+            two_proc("single_to_fsdp", "train.strategy=fsdp", "resume=true")]
+    (root / "plan.json").write_text(json.dumps(plan))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", str(WORKER), str(root / "plan.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, single, proc.stdout
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(runs):
+    root, single, _ = runs
+    assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "ddp" / "adapter")) <= TOL
+    ours, ref = _records(root / "ddp"), _records(single.run_dir)
+    assert [r["step"] for r in ours] == [r["step"] for r in ref]
+    for key in ("loss", "eval_loss", "grad_norm"):  # eval is sharded and all-reduced too
+        mine = [r[key] for r in ours if r.get(key) is not None]
+        assert len(mine) >= 2
+        assert mine == pytest.approx([r[key] for r in ref if r.get(key) is not None], rel=1e-5)
+    summary = json.loads((root / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
+    assert summary["supervised_tokens"] == single.summary["supervised_tokens"]
+
+
+def test_fsdp_two_processes_equal_one_process(runs):
+    root, single, _ = runs
+    assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "fsdp" / "adapter")) <= TOL
+    assert [r["loss"] for r in _records(root / "fsdp") if "loss" in r] == pytest.approx(
+        [r["loss"] for r in _records(single.run_dir) if "loss" in r], rel=1e-5)
+
+
+def test_only_rank_zero_writes_and_logs(runs):
+    root, _, stdout = runs
+    run = root / "ddp"
+    steps = [r["step"] for r in _records(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # one writer: no line twice
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # a second rank would open its own events file
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert "[rank0] lora on" in stdout and "[rank1]" not in stdout
+    assert stdout.count("[done rank1]") == 4  # rank 1 did take part in every run
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_holds_every_shard(runs, strategy):
+    """The checkpoint's optimizer moments have the full parameter shapes (an FSDP rank holds
+    half the rows of each), and its adapter equals the final one's layout."""
+    root, single, _ = runs
+    ckpt = root / strategy / "checkpoints" / "step-2"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    adapter = _adapter(ckpt / "adapter")
+    shapes = sorted(tuple(v.shape) for v in adapter.values())
+    moments = sorted(tuple(s["exp_avg"].shape) for s in state["optimizer"]["state"].values())
+    assert moments == shapes
+    reference = _adapter(single.run_dir / "checkpoints" / "step-2" / "adapter")
+    assert _max_diff(adapter, reference) <= TOL
+
+
+@pytest.mark.parametrize("name", ["single_to_ddp", "single_to_fsdp"])
+def test_one_process_checkpoint_resumes_with_two(runs, name):
+    root, single, stdout = runs
+    assert "resumed from" in stdout
+    assert _max_diff(_adapter(single.adapter_dir), _adapter(root / name / "adapter")) <= TOL
+    assert [r["step"] for r in _records(root / name) if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_checkpoint_resumes_with_one(runs, strategy, tiny_model_dir, arithmetic_data):
+    root, single, _ = runs
+    rewound = _rewind(root / strategy, root / f"{strategy}_to_single")
+    cfg = load_config(None, _overrides(tiny_model_dir, arithmetic_data, rewound, 4, "resume=true"))
+    resumed = train(cfg, progress=False, log=lambda m: None)
+    assert resumed.summary["steps"] == 4 and resumed.summary["world_size"] == 1
+    assert _max_diff(_adapter(single.adapter_dir), _adapter(resumed.adapter_dir)) <= TOL
+
+
+# ---------------------------------------------------------------------- no second process
+def test_nproc_validates_then_runs_torchrun_without_nproc(tiny_model_dir, arithmetic_data, tmp_path,
+                                                         monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+    config = tmp_path / "run.yaml"
+    config.write_text(load_config(None, _overrides(tiny_model_dir, arithmetic_data,
+                                                   tmp_path / "run", 2)).to_yaml())
+    assert main(["train", str(config), "train.lr=1e-4", "--nproc", "2", "--no-progress"]) == 0
+    (cmd,) = calls
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in cmd
+    at = cmd.index("lorakit")
+    assert cmd[at - 1] == "-m"
+    assert cmd[at + 1:] == ["train", str(config), "train.lr=1e-4", "--no-progress"]  # no --nproc
+    # a bad config fails here, before any process starts
+    assert main(["train", str(config), "train.lrr=1", "--nproc", "2"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err and len(calls) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("micro, n_rows, old, new, expected", [
+    (3, 10, 4, 4, (3, True)),    # same global batch: unchanged
+    (2, 16, 4, 8, (1, True)),    # 8 rows seen = 1 micro-batch of 8
+    (6, 16, 4, 8, (3, True)),    # epoch 1 (4 micro of 4 each), 8 rows in: 2 + 1
+    (1, 16, 4, 8, (1, False)),   # 4 rows seen: not a boundary of 8, rounded up
+    (5, 16, 4, 8, (3, False)),   # epoch 1, 4 rows in: rounded up as well
+    (3, 10, 4, 2, (5, True)),    # epoch 0 has 3 micro of 4 (4+4+2) -> epoch 1 starts at 5
+])
+def test_convert_position(micro, n_rows, old, new, expected):
+    assert distributed.convert_position(micro, n_rows, old, new) == expected
+
+
+def test_shard_splits_a_global_batch_contiguously():
+    d0, d1 = (distributed.Dist(rank=r, world_size=2) for r in (0, 1))
+    assert (d0.shard([7, 3, 9, 1]), d1.shard([7, 3, 9, 1])) == ([7, 3], [9, 1])
+    assert (d0.shard([5]), d1.shard([5])) == ([5], [])  # the short last batch of an epoch
+
+
+def _meta_llama(layers=4):
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        return tf.AutoModelForCausalLM.from_config(config)
+
+
+def _bytes_per_device(model, plan, bytes_per_value=4):
+    sizes = {}
+    for name, p in model.named_parameters():
+        owner = max((m for m in plan if name.startswith(m + ".") or m == ""), key=len)
+        sizes[plan[owner]] = sizes.get(plan[owner], 0) + p.numel() * bytes_per_value
+    return sizes
+
+
+@pytest.mark.parametrize("budget", [700_000, 1_000_000])
+def test_device_map_plan_keeps_blocks_whole_in_order_within_budget(budget):
+    model = _meta_llama()
+    plan = distributed.placement_plan(model, {0: budget, 1: budget, "cpu": 10**9})
+    layers = [plan[f"model.layers.{i}"] for i in range(4)]  # each block placed whole
+    assert set(layers) == {0, 1} and layers == sorted(layers)  # pipeline order, both GPUs used
+    for device, used in _bytes_per_device(model, plan).items():
+        if device != "cpu":
+            assert used <= budget
+    # a model that fits the first GPU stays there whole
+    assert distributed.placement_plan(model, {0: 10**7, 1: 10**7, "cpu": 10**9}) == {"": 0}
+
+
+def test_device_map_plan_spills_to_cpu_when_gpus_are_full():
+    plan = distributed.placement_plan(_meta_llama(), {0: 400_000, 1: 400_000, "cpu": 10**9})
+    assert "cpu" in plan.values()
+
+
+def test_model_device_map_config_round_trip(tmp_path):
+    cfg = load_config(None, ["model=some/model", "model.device_map=auto", "train.strategy=fsdp"])
+    assert (cfg.model, cfg.device_map, cfg.train.strategy) == ("some/model", "auto", "fsdp")
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert (again.model, again.device_map) == ("some/model", "auto")
+    assert load_config(path, ["model=other/model"]).device_map == "auto"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: some/model\n")
+    assert load_config(plain, ["model.device_map=auto"]).model == "some/model"
+    assert load_config(plain).device_map is None
+    with pytest.raises(ConfigError, match="did you mean 'device_map'"):
+        load_config(None, ["model.devicemap=auto"])
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config(None, ["train.strategy=zero3"])
+
+
+def test_incompatible_combinations_are_config_errors():
+    two = distributed.Dist(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="device_map"):
+        distributed.check_compatible(load_config(None, ["model.device_map=auto"]), two)
+    fsdp = distributed.Dist(rank=0, world_size=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match="method=full"):
+        distributed.check_compatible(load_config(None, ["method=full"]), fsdp)
