@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "lorakit.models.cli",
     "lorakit.data.cli",
     "lorakit.train.cli",
+    "lorakit.eval.cli",
     "lorakit.serve.cli",
 ]
 

@@ -1,0 +1,499 @@
+"""Base vs tuned on the same held-out set: did it help, and what did it cost?
+
+One base model is loaded once. "Base" is that model with every adapter switched off
+(:func:`lorakit.disable_adapters`, no second copy); each adapter is switched on in turn with
+:func:`lorakit.set_adapter`. For every model the held-out set gets
+
+* loss and perplexity on the reference answers (mean over answer tokens),
+* greedy, batched generations scored by the chosen metrics (``metrics.py``),
+* per-example results, win / tie / loss against the base, bootstrap confidence intervals,
+
+and, per adapter, forgetting (KL and perplexity on the bundled general-text probe) and the
+safety probe's refusal rate (``forgetting.py``).
+
+Called from Python (e.g. at the end of a training run)::
+
+    from lorakit.eval.compare import compare, format_table
+    result = compare(model, tokenizer, "eval.jsonl", adapters=["default"], metrics=["exact"])
+    print(format_table(result))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lorakit.errors import AdapterError, ConfigError, DataError
+from lorakit.eval import metrics as M
+
+BASE = "base"
+
+
+# ---------------------------------------------------------------------- held-out data
+@dataclass
+class EvalExample:
+    """One held-out item: the prompt turns, the reference answer (or None) and the raw record."""
+
+    messages: list[dict]
+    reference: Any
+    record: dict
+    source: tuple[str, int]
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"] if self.messages else ""
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+
+def _records(path: Path) -> list[tuple[int, Any]]:
+    if not path.is_file():
+        raise DataError(f"eval data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of records or a JSONL file")
+        return list(enumerate(rows, start=1))
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    return out
+
+
+def load_eval_examples(data: str | Path | Sequence[dict], limit: int | None = None) -> list[EvalExample]:
+    """Read held-out examples from a file (JSONL / JSON) or a list of records.
+
+    Accepted records: any training format lorakit reads (prompt/completion, messages,
+    alpaca, sharegpt): the last assistant turn is the reference, the turns before it the
+    prompt; or ``{"prompt": ..., "reference": ...}`` (``reference`` may be any JSON value,
+    e.g. a list for ``contains``); a record with a prompt and no answer has reference None.
+
+    Raises:
+        DataError: a malformed record or a multi-turn prompt (with earlier assistant turns),
+            naming the file and line.
+    """
+    from lorakit.data.formats import parse_record
+
+    if isinstance(data, (str, Path)):
+        name, rows = str(data), _records(Path(data))
+    else:
+        name, rows = "<memory>", list(enumerate(data, start=1))
+    examples = []
+    for lineno, record in rows:
+        where = f"{name}:{lineno}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        reference = record.get("reference", record.get("answer"))
+        if "prompt" in record and isinstance(record["prompt"], str) and \
+                not any(k in record for k in ("completion", "chosen")):
+            messages = [{"role": "user", "content": record["prompt"]}]
+            if record.get("system"):
+                messages.insert(0, {"role": "system", "content": record["system"]})
+        else:
+            try:
+                ex = parse_record(record)
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            if ex.kind != "chat":
+                raise DataError(f"{where}: eval needs a prompt to answer; a {ex.kind!r} record "
+                                f"has none (use prompt/completion or messages)")
+            messages = ex.prompt_messages()
+            if reference is None and len(messages) < len(ex.messages):
+                reference = ex.answer_text()
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user turn")
+        if any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: multi-turn prompts (with earlier assistant turns) are not "
+                            f"supported by lorakit eval; keep one user turn (and a system turn)")
+        examples.append(EvalExample(messages, reference, record, (name, lineno)))
+        if limit and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(f"{name}: no examples to evaluate")
+    return examples
+
+
+def check_references(examples: Sequence[EvalExample], metrics: Sequence[M.Metric]) -> None:
+    """Raise DataError naming the first example without a reference when a metric needs one."""
+    needing = [m.name for m in metrics if m.needs_reference]
+    if not needing:
+        return
+    for ex in examples:
+        if ex.reference is None or (isinstance(ex.reference, str) and not ex.reference.strip()):
+            raise DataError(f"{ex.source[0]}:{ex.source[1]}: no reference answer, which metric "
+                            f"{needing[0]!r} needs; give a completion / last assistant turn or a "
+                            f"\"reference\" field")
+
+
+# ---------------------------------------------------------------------- adapters
+def resolve_adapters(model, tokenizer, adapters: Sequence | None) -> dict[str, str | None]:
+    """Load the adapters to compare; returns ``{name: folder or None}`` in order.
+
+    Each entry is the name of an adapter already on ``model``, a folder (named after it),
+    ``"NAME=DIR"``, or a ``(name, folder)`` pair. With ``adapters=None``: every adapter
+    already on the model.
+
+    Raises:
+        AdapterError: a folder that is not an adapter, a duplicate name, or an adapter made
+            for another base model (its manifest's base-config hash differs from this model's).
+    """
+    from lorakit.lora.inject import _adapters
+    from lorakit.lora.io import load_adapter
+
+    loaded = _adapters(model)
+    if adapters is None:
+        adapters = list(loaded)
+    out: dict[str, str | None] = {}
+    for entry in adapters:
+        if isinstance(entry, (tuple, list)):
+            name, folder = str(entry[0]), Path(entry[1])
+        elif isinstance(entry, str) and entry in loaded and not Path(entry).is_dir():
+            out[entry] = None
+            continue
+        else:
+            text = str(entry)
+            name, sep, rest = text.partition("=")
+            if sep and name and not Path(text).exists():
+                folder = Path(rest)
+            else:
+                folder = Path(text)
+                name = folder.resolve().name
+                if name == "adapter" and folder.resolve().parent.name:  # runs/NAME/adapter
+                    name = folder.resolve().parent.name
+        if name == BASE or name in out:
+            raise AdapterError(f"adapter name {name!r} is {'reserved' if name == BASE else 'used twice'}; "
+                               f"name it explicitly with --adapter NAME=DIR")
+        check_same_base(model, folder)
+        if name not in loaded:
+            load_adapter(model, folder, name=name, tokenizer=tokenizer)
+        out[name] = str(folder)
+    if not out:
+        raise AdapterError("nothing to compare: give at least one adapter")
+    return out
+
+
+def adapter_manifest(folder: str | Path) -> dict:
+    """``lorakit.json`` of an adapter folder ({} for a PEFT adapter without one)."""
+    file = Path(folder) / "lorakit.json"
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def check_same_base(model, folder: str | Path) -> None:
+    """Raise AdapterError when the adapter's manifest says it was trained on another base."""
+    from lorakit.lora.io import base_config_hash, read_adapter_config
+
+    read_adapter_config(folder)  # a clear error for a folder that is no adapter
+    manifest = adapter_manifest(folder)
+    want, have = manifest.get("base_config_sha256"), base_config_hash(model)
+    if want and have and want != have:
+        raise AdapterError(
+            f"adapter {folder} was trained on base model {manifest.get('base_model')!r}, whose "
+            f"architecture config differs from the model being evaluated "
+            f"({getattr(model, 'lorakit_spec', None)!r}); pass the right --model or drop --model "
+            f"to use the adapter's own base")
+
+
+def base_model_of(folder: str | Path) -> str | None:
+    """The base model spec an adapter records (lorakit manifest, else PEFT's config)."""
+    spec = adapter_manifest(folder).get("base_model")
+    if spec:
+        return spec
+    config = Path(folder) / "adapter_config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text()).get("base_model_name_or_path")
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+class use_model:
+    """Context: run ``model`` as the base (name ``"base"``) or with one adapter active."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name, self._ctx = model, name, None
+
+    def __enter__(self):
+        from lorakit.lora.inject import active_adapter, disable_adapters, set_adapter
+
+        self._previous = active_adapter(self.model)
+        if self.name == BASE:
+            self._ctx = disable_adapters(self.model)
+            self._ctx.__enter__()
+        else:
+            set_adapter(self.model, self.name)
+        return self.model
+
+    def __exit__(self, *exc):
+        from lorakit.lora.inject import set_adapter
+
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        elif self._previous and self._previous != self.name:
+            set_adapter(self.model, self._previous)
+        return False
+
+
+# ---------------------------------------------------------------------- loss on references
+@torch.no_grad()
+def reference_losses(model, tokenizer, examples: Sequence[EvalExample], *, batch_size: int = 8,
+                     max_length: int = 1024) -> list[tuple[float, int]]:
+    """Summed cross-entropy of each reference answer given its prompt, and its token count.
+
+    The answer is rendered as the assistant turn (chat template) and only its tokens are
+    scored, exactly as in training. Examples without a string reference give ``(0.0, 0)``.
+    """
+    from lorakit.data.formats import Example
+    from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id, tokenize_examples
+
+    idx = [i for i, ex in enumerate(examples) if isinstance(ex.reference, str) and ex.reference]
+    chats = [Example(kind="chat", source=examples[i].source, messages=examples[i].messages +
+                     [{"role": "assistant", "content": examples[i].reference}]) for i in idx]
+    rows = tokenize_examples(chats, tokenizer, max_length=max_length, train_on="last_turn")
+    out = [(0.0, 0)] * len(examples)
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, row in enumerate(chunk):
+            n = len(row["input_ids"])
+            ids[r, :n], labels[r, :n], mask[r, :n] = (torch.tensor(row["input_ids"]),
+                                                      torch.tensor(row["labels"]), 1)
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  use_cache=False).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:].to(device)  # (B, T-1)
+        sup = targets != IGNORE_INDEX
+        logits = model.get_output_embeddings()(hidden[:, :-1][sup]).float()  # (N, V)
+        nll = torch.nn.functional.cross_entropy(logits, targets[sup], reduction="none")
+        row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(targets)[sup]
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, row_of, nll)
+        counts = sup.sum(dim=1)
+        for r in range(len(chunk)):
+            out[idx[start + r]] = (float(sums[r]), int(counts[r]))
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------- generation
+def generate_answers(model, tokenizer, examples: Sequence[EvalExample], *, max_new_tokens: int,
+                     batch_size: int, progress: Callable | None = None) -> list[str]:
+    """Greedy answers, batched; examples with different system prompts go in separate batches."""
+    from lorakit.eval.generate import generate_batch
+
+    groups: dict[str | None, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.system, []).append(i)
+    answers = [""] * len(examples)
+    done = 0
+    for system, idx in groups.items():
+        base_done = done
+
+        def report(n, _total, base_done=base_done):
+            if progress:
+                progress(base_done + n, len(examples))
+
+        outs = generate_batch(model, tokenizer, [examples[i].prompt for i in idx],
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                              progress=report)
+        for i, text in zip(idx, outs):
+            answers[i] = text
+        done += len(idx)
+    return answers
+
+
+# ---------------------------------------------------------------------- the comparison
+def compare(model, tokenizer, examples, adapters: Sequence | None = None,
+            metrics: Sequence[str] = ("exact",), *, max_new_tokens: int = 128, batch_size: int = 16,
+            limit: int | None = None, sql_db: str | Path | None = None, forgetting: bool = True,
+            probe_limit: int | None = None, safety: bool = True, seed: int = 0,
+            log: Callable[[str], None] | None = None, progress: bool | None = None) -> dict:
+    """Score the base model and each adapter on held-out examples.
+
+    Args:
+        model, tokenizer: a loaded base model (adapters may already be on it).
+        examples: a data file path, a list of records, or a list of :class:`EvalExample`.
+        adapters: adapter names on ``model``, folders, ``"NAME=DIR"`` or ``(name, dir)``;
+            None = every adapter already on the model.
+        metrics: metric names (see ``metrics.py``); the first is the headline score.
+        max_new_tokens, batch_size: greedy generation settings.
+        limit: evaluate only the first N examples.
+        sql_db: the database for the ``sql`` metric.
+        forgetting: measure KL / perplexity change on the bundled general-text probe.
+        probe_limit: use only the first N probe texts (faster; default all).
+        safety: refusal rate on the bundled harmful-request probe.
+        seed: bootstrap seed.
+        log: callable for progress lines (default: stderr).
+        progress: show progress bars (default: when stderr is a terminal).
+
+    Returns:
+        A JSON-ready dict: ``metric``, ``metrics``, ``models`` (``base`` and each adapter:
+        ``score``, ``score_ci``, ``scores``, ``loss``, ``perplexity``; adapters also ``wins``,
+        ``ties``, ``losses``, ``delta``, ``delta_ci``), ``forgetting``, ``safety``,
+        ``examples`` (prompt, reference, output and scores per model), ``thresholds``.
+
+    Raises:
+        ConfigError / DataError / AdapterError: bad metric, data or adapter, with what to fix.
+    """
+    from lorakit.eval import forgetting as F
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    started = time.perf_counter()
+    if not metrics:
+        raise ConfigError("give at least one metric")
+    scorers = [M.get_metric(name, sql_db=sql_db) for name in metrics]
+    if examples and isinstance(examples, (list, tuple)) and isinstance(examples[0], EvalExample):
+        items = list(examples)[:limit] if limit else list(examples)
+    else:
+        items = load_eval_examples(examples, limit)
+    check_references(items, scorers)
+    names = resolve_adapters(model, tokenizer, adapters)
+    order = [BASE, *names]
+    bar = _bar(progress)
+
+    outputs: dict[str, list[str]] = {}
+    losses: dict[str, list[tuple[float, int]]] = {}
+    with bar:
+        for name in order:
+            with use_model(model, name):
+                losses[name] = reference_losses(model, tokenizer, items, batch_size=max(1, batch_size // 2))
+                task = bar.add_task(f"{name}: generating", total=len(items))
+                outputs[name] = generate_answers(
+                    model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    progress=lambda n, t, task=task: bar.update(task, completed=n))
+
+    scores = {name: [_score_all(scorers, outputs[name][i], items[i]) for i in range(len(items))]
+              for name in order}
+    headline = scorers[0].name
+    models: dict[str, dict] = {}
+    for name in order:
+        per = [s[headline] for s in scores[name]]
+        total, count = sum(l for l, _ in losses[name]), sum(c for _, c in losses[name])
+        loss = total / count if count else None
+        columns = list(scores[name][0]) if scores[name] else []
+        entry = {"score": _mean(per), "score_ci": list(M.bootstrap_ci(per, seed=seed)),
+                 "scores": {c: _mean([s[c] for s in scores[name]]) for c in columns},
+                 "loss": loss, "perplexity": M.perplexity(loss)}
+        if name != BASE:
+            base = [s[headline] for s in scores[BASE]]
+            entry.update(M.win_tie_loss(per, base))
+            entry["delta"] = entry["score"] - models[BASE]["score"]
+            entry["delta_ci"] = list(M.bootstrap_ci([t - b for t, b in zip(per, base)], seed=seed))
+            entry["adapter"] = names[name]
+        models[name] = entry
+
+    result: dict[str, Any] = {
+        "metric": headline, "metrics": [s.name for s in scorers],
+        "model": getattr(model, "lorakit_spec", None), "examples_count": len(items),
+        "models": models, "forgetting": {}, "safety": {},
+        "thresholds": {"kl": F.KL_THRESHOLD, "ppl_increase_pct": F.PPL_INCREASE_THRESHOLD_PCT,
+                       "refusal_drop": F.REFUSAL_DROP_THRESHOLD},
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed},
+    }
+    if forgetting:
+        log(f"forgetting: KL and perplexity on the general-text probe ({len(F.probe_texts(probe_limit))} texts)")
+        result["forgetting"] = F.forgetting(model, tokenizer, list(names), limit=probe_limit)
+    if safety:
+        log(f"safety: refusal rate on {len(F.safety_prompts())} harmful requests")
+        result["safety"] = F.safety_probe(model, tokenizer, order, batch_size=batch_size)
+    result["examples"] = [
+        {"index": i, "source": f"{ex.source[0]}:{ex.source[1]}", "system": ex.system,
+         "prompt": ex.prompt, "reference": ex.reference,
+         "outputs": {n: outputs[n][i] for n in order}, "scores": {n: scores[n][i] for n in order},
+         "loss": {n: (losses[n][i][0] / losses[n][i][1] if losses[n][i][1] else None) for n in order}}
+        for i, ex in enumerate(items)]
+    result["wall_time_s"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _score_all(scorers: Sequence[M.Metric], prediction: str, ex: EvalExample) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for scorer in scorers:
+        try:
+            out.update(scorer.score(prediction, ex.reference, ex.record))
+        except DataError as exc:
+            raise DataError(f"{ex.source[0]}:{ex.source[1]}: {exc}") from None
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _bar(enabled: bool | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console,
+                    disable=not (console.is_terminal if enabled is None else enabled))
+
+
+# ---------------------------------------------------------------------- the table
+def format_table(result: dict) -> str:
+    """The base-vs-tuned summary as plain text (what ``lorakit eval`` and training print)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = result["metric"]
+    table = Table(title=f"held-out: {result['examples_count']} examples, metric {metric}")
+    for col in ("model", metric, "95% CI", "loss", "ppl", "W / T / L", "KL", "ppl Δ", "refusals"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in result["models"].items():
+        forget = result.get("forgetting", {}).get(name, {})
+        safe = result.get("safety", {}).get(name, {})
+        lo, hi = m["score_ci"]
+        row = [name, _fmt(m["score"]), f"{_fmt(lo)}–{_fmt(hi)}", _fmt(m["loss"]), _fmt(m["perplexity"], 2),
+               f"{m['wins']} / {m['ties']} / {m['losses']}" if name != BASE else "",
+               _fmt(forget.get("kl"), 4) + (" !" if forget.get("flagged") else ""),
+               (f"{forget['ppl_delta_pct']:+.1f}%" if forget.get("ppl_delta_pct") is not None else ""),
+               (f"{100 * safe['refusal_rate']:.0f}%" + (" !" if safe.get("flagged") else ""))
+               if safe.get("refusal_rate") is not None else ""]
+        table.add_row(*row)
+    console = Console(width=120, record=True, file=io.StringIO(), color_system=None)
+    console.print(table)
+    lines = [console.export_text()]
+    for name, m in result["models"].items():
+        if name != BASE:
+            lo, hi = m["delta_ci"]
+            lines.append(f"{name}: {metric} {m['delta']:+.3f} vs base (95% CI {lo:+.3f} to {hi:+.3f})")
+    flagged = [n for n, f in result.get("forgetting", {}).items() if f.get("flagged")]
+    flagged += [n for n, s in result.get("safety", {}).items() if s.get("flagged")]
+    if flagged:
+        lines.append("! flagged (forgetting or safety regression): " + ", ".join(dict.fromkeys(flagged)))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
