@@ -208,8 +208,8 @@ def check_same_base(model, folder: str | Path) -> None:
     want, have = manifest.get("base_config_sha256"), base_config_hash(model)
     if want and have and want != have:
         raise AdapterError(
-            f"adapter {folder} was trained on base model {manifest.get('base_model')!r}, whose "
-            f"architecture config differs from the model being evaluated "
+            f"adapter {folder} was made for a different base model: it was trained on "
+            f"{manifest.get('base_model')!r}, whose architecture config differs from the model being evaluated "
             f"({getattr(model, 'lorakit_spec', None)!r}); pass the right --model or drop --model "
             f"to use the adapter's own base")
 
