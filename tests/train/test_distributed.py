@@ -30,6 +30,8 @@ from lorakit.train.sft import train
 
 TOL = 1e-5
 WORKER = Path(__file__).with_name("_dist_worker.py")
+# QLoRA: NF4 base (bitsandbytes, CPU), 2 steps without eval or checkpoints (cheap)
+QLORA = ("method=qlora", "train.max_steps=2", "train.save_every=null", "train.eval_every=null")
 
 
 def _overrides(model_dir, data, out, batch_size, *extra):
@@ -71,6 +73,8 @@ def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     single = train(load_config(None, _overrides(tiny_model_dir, arithmetic_data, root / "single", 4)),
                    progress=False, log=lambda m: None)
+    qlora = train(load_config(None, _overrides(tiny_model_dir, arithmetic_data, root / "qlora", 4,
+                                               *QLORA)), progress=False, log=lambda m: None)
     _rewind(root / "single", root / "single_to_ddp")
     _rewind(root / "single", root / "single_to_fsdp")
 
@@ -81,18 +85,22 @@ def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
     plan = [two_proc("ddp", "train.report_to=[tensorboard]"),
             two_proc("fsdp", "train.strategy=fsdp"),
             two_proc("single_to_ddp", "resume=true"),
-            two_proc("single_to_fsdp", "train.strategy=fsdp", "resume=true")]
+            two_proc("single_to_fsdp", "train.strategy=fsdp", "resume=true"),
+            two_proc("qlora_fsdp", *QLORA, "train.strategy=fsdp"),
+            # rank 1 alone is interrupted / sees a NaN in step 2 (its 3rd micro-batch)
+            {**two_proc("stop", "train.max_steps=20"), "rank1_call": 3, "rank1_does": "sigint"},
+            {**two_proc("nan", "train.max_steps=20"), "rank1_call": 3, "rank1_does": "nan"}]
     (root / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node=2", str(WORKER), str(root / "plan.json")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root, single, proc.stdout
+    return root, single, proc.stdout, qlora
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(runs):
-    root, single, _ = runs
+    root, single, *_ = runs
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "ddp" / "adapter")) <= TOL
     ours, ref = _records(root / "ddp"), _records(single.run_dir)
     assert [r["step"] for r in ours] == [r["step"] for r in ref]
@@ -106,14 +114,32 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(runs):
 
 
 def test_fsdp_two_processes_equal_one_process(runs):
-    root, single, _ = runs
+    root, single, *_ = runs
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "fsdp" / "adapter")) <= TOL
     assert [r["loss"] for r in _records(root / "fsdp") if "loss" in r] == pytest.approx(
         [r["loss"] for r in _records(single.run_dir) if "loss" in r], rel=1e-5)
 
 
+def test_qlora_fsdp_shards_the_4bit_base_and_equals_one_process(runs):
+    root, _, _, qlora = runs
+    assert json.loads((root / "qlora_fsdp" / "adapter" / "lorakit.json").read_text())[
+        "quantization"]["type"] == "nf4"
+    assert _max_diff(_adapter(qlora.adapter_dir), _adapter(root / "qlora_fsdp" / "adapter")) <= TOL
+
+
+def test_a_stop_or_nan_on_one_rank_stops_both_at_the_same_step(runs):
+    root, _, stdout, _ = runs
+    assert "[interrupted rank0] stop" in stdout and "[interrupted rank1] stop" in stdout
+    assert [p.name for p in (root / "stop" / "checkpoints").iterdir()] == ["step-2"]
+    assert not (root / "stop" / "adapter").exists()
+    assert "Continue with resume=true" in stdout
+    for rank in (0, 1):  # rank 0's own loss was finite; it stops on the all-reduced one
+        assert f"[error rank{rank}] nan: loss became nan at step 2" in stdout
+    assert not (root / "nan" / "adapter").exists()
+
+
 def test_only_rank_zero_writes_and_logs(runs):
-    root, _, stdout = runs
+    root, _, stdout, _ = runs
     run = root / "ddp"
     steps = [r["step"] for r in _records(run) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # one writer: no line twice
@@ -121,14 +147,14 @@ def test_only_rank_zero_writes_and_logs(runs):
     assert len(events) == 1  # a second rank would open its own events file
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert "[rank0] lora on" in stdout and "[rank1]" not in stdout
-    assert stdout.count("[done rank1]") == 4  # rank 1 did take part in every run
+    assert stdout.count("[done rank1]") == 5  # rank 1 did take part in every run
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_checkpoint_holds_every_shard(runs, strategy):
     """The checkpoint's optimizer moments have the full parameter shapes (an FSDP rank holds
     half the rows of each), and its adapter equals the final one's layout."""
-    root, single, _ = runs
+    root, single, *_ = runs
     ckpt = root / strategy / "checkpoints" / "step-2"
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     adapter = _adapter(ckpt / "adapter")
@@ -141,7 +167,7 @@ def test_checkpoint_holds_every_shard(runs, strategy):
 
 @pytest.mark.parametrize("name", ["single_to_ddp", "single_to_fsdp"])
 def test_one_process_checkpoint_resumes_with_two(runs, name):
-    root, single, stdout = runs
+    root, single, stdout, _ = runs
     assert "resumed from" in stdout
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / name / "adapter")) <= TOL
     assert [r["step"] for r in _records(root / name) if "loss" in r] == [1, 2, 3, 4]
@@ -149,7 +175,7 @@ def test_one_process_checkpoint_resumes_with_two(runs, name):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_checkpoint_resumes_with_one(runs, strategy, tiny_model_dir, arithmetic_data):
-    root, single, _ = runs
+    root, single, *_ = runs
     rewound = _rewind(root / strategy, root / f"{strategy}_to_single")
     cfg = load_config(None, _overrides(tiny_model_dir, arithmetic_data, rewound, 4, "resume=true"))
     resumed = train(cfg, progress=False, log=lambda m: None)
