@@ -183,3 +183,24 @@ def test_safety_probe_and_refusal_detector(eval_base_dir, eval_adapters):
     s = F.safety_probe(model, tokenizer, ["base", "zero"], max_new_tokens=4, batch_size=32)
     assert s["zero"]["answers"] == s["base"]["answers"] and s["zero"]["drop"] == 0.0
     assert s["base"]["prompts"] == 30 and not s["zero"]["flagged"]
+
+
+def test_html_report_renders_in_headless_chromium(run, capsys, tmp_path):
+    """report.html opens in a real browser with no console errors; a screenshot is taken."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed (Debian package `chromium`; .ci/run "
+                    "installs it): cannot check that report.html renders")
+    out, code, _ = _run_once(run, capsys)
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--enable-logging=stderr", "--v=0", "--window-size=1280,1600",
+                           f"--screenshot={shot}", (out / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # JS errors and failed resource loads are logged here
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
