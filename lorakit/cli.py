@@ -18,7 +18,9 @@ _COMMAND_MODULES = [
     "lorakit.data.cli",
     "lorakit.train.cli",
     "lorakit.eval.cli",
+    "lorakit.export.cli",
     "lorakit.serve.cli",
+    "lorakit.plan.cli",
 ]
 
 

@@ -1,0 +1,175 @@
+"""Measure the peak memory of a few real training steps, to check :mod:`lorakit.plan.estimate`.
+
+``lorakit estimate --measure`` (and the calibration tests) run :func:`measure_in_subprocess`:
+a fresh Python process loads the model exactly as ``lorakit train`` does
+(``lorakit.train.sft.setup_model``), builds lorakit's optimizer, and runs a few optimizer
+steps on random token rows of ``seq_len`` tokens, every token supervised (the worst case the
+estimate assumes). It reports the peak memory *delta*:
+
+* CPU: peak resident set size during the steps (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` just before them, after ``malloc_trim`` has returned the heap the
+  loader freed) minus the resident size before the model was loaded (torch and lorakit already
+  imported);
+* CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before the model was loaded
+  (the CUDA context is not in either number).
+
+A subprocess, because a process's peak resident size only ever grows: measuring two settings in
+one process would report the larger for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from lorakit.errors import ConfigError, LorakitError
+
+
+@dataclass
+class MeasureSpec:
+    """What to run: a lorakit model spec and the training settings the estimate also takes."""
+
+    model: str
+    method: str = "lora"
+    r: int = 16
+    target_modules: str | list[str] = "all-linear"
+    lora_dropout: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 1
+    grad_checkpointing: bool = False
+    steps: int = 3
+    precision: str = "auto"
+    seed: int = 0
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident size (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Give the heap memory freed while loading back to the OS (glibc keeps it otherwise: a
+    QLoRA load frees a whole dense copy of the weights, which would then count as the run's)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def run_measurement(spec: MeasureSpec) -> dict:
+    """Run ``spec`` in this process and return the measured peak delta (see module docstring).
+
+    Returns:
+        ``{"peak_delta_bytes", "baseline_bytes", "after_setup_bytes", "device", "precision",
+        "steps", "losses", "kind"}``.
+    """
+    import gc
+
+    import torch
+
+    from lorakit.config import RunConfig
+    from lorakit.train import common
+    from lorakit.train.sft import setup_model
+
+    device = common.default_device()
+    precision = common.resolve_precision(spec.precision, device)
+    cfg = RunConfig(model=spec.model, method=spec.method,
+                    lora={"r": spec.r, "target_modules": spec.target_modules,
+                          "dropout": spec.lora_dropout},
+                    train={"batch_size": spec.batch_size, "grad_checkpointing": spec.grad_checkpointing,
+                           "precision": precision, "seed": spec.seed})
+    torch.manual_seed(spec.seed)
+    gc.collect()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = _rss_bytes()
+    model, _, _ = setup_model(cfg, device, precision)
+    optimizer = common.build_optimizer(model, 1e-4, 0.0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(spec.seed)
+    ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=g)
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device),
+             "position_ids": torch.arange(spec.seq_len).repeat(spec.batch_size, 1).to(device)}
+    gc.collect()
+    if not cuda:
+        _malloc_trim()
+    after_setup = torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        kind = "cuda max_memory_allocated"
+    else:
+        kind = "cpu peak RSS (VmHWM)" if _reset_peak_rss() else "cpu peak RSS (ru_maxrss, not reset)"
+    losses = []
+    for _ in range(spec.steps):
+        with common.autocast(precision, device):
+            loss_sum, n = common.supervised_loss(model, batch)
+        (loss_sum / max(n, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss_sum) / max(n, 1))
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device)
+    elif kind.endswith("(VmHWM)"):
+        peak = _rss_bytes("VmHWM")
+    else:
+        peak = common.peak_memory_bytes(device)
+    return {"peak_delta_bytes": int(peak - baseline), "baseline_bytes": int(baseline),
+            "after_setup_bytes": int(after_setup - baseline), "device": str(device),
+            "precision": precision, "steps": spec.steps, "losses": losses, "kind": kind}
+
+
+def measure_in_subprocess(spec: MeasureSpec, timeout: float = 900) -> dict:
+    """Run :func:`run_measurement` in a fresh Python process (see the module docstring).
+
+    Raises:
+        LorakitError: the run failed (its last lines of output are in the message).
+    """
+    cmd = [sys.executable, "-m", "lorakit.plan.measure", json.dumps(asdict(spec))]
+    env = dict(os.environ)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise LorakitError(f"the measurement run did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        if done.returncode == 2 and tail.startswith("error:"):
+            raise ConfigError(tail.removeprefix("error: "))
+        raise LorakitError(f"the measurement run failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> int:
+    spec = MeasureSpec(**json.loads(argv[0]))
+    try:
+        result = run_measurement(spec)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
