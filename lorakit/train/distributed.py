@@ -69,12 +69,32 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``lorakit <argv>`` under torchrun with ``nproc`` processes; returns its exit code."""
+    """Run ``lorakit <argv>`` under torchrun with ``nproc`` processes; returns its exit code.
+
+    torchrun runs in its own session, so Ctrl-C reaches this process only; it is passed on as
+    one SIGTERM, which torchrun forwards once to every worker: they agree to stop, write a
+    checkpoint and exit (torchrun kills workers still running 30 s later). A second Ctrl-C
+    kills them all at once.
+    """
+    import signal
+
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # torchrun sets 1 thread per process; on CPU share the cores out instead
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(nproc, argv), env=env)
+    proc = subprocess.Popen(torchrun_command(nproc, argv), env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("\nstop requested: every process saves a checkpoint after this step "
+              "(Ctrl-C again to abort)", file=sys.stderr)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return 130
 
 
 def launched_rank() -> int:
