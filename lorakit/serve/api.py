@@ -64,6 +64,7 @@ class _GenerationBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    ignore_eos: bool = False  # vLLM's extension
 
 
 class ChatCompletionRequest(_GenerationBody):
@@ -100,7 +101,7 @@ def error_body(status: int, message: str, type_: str, param=None, code=None) -> 
 # ---------------------------------------------------------------------- the app
 def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
                extra_routers: Sequence[Any] = (), public_routers: Sequence[Any] = (),
-               title: str = "lorakit"):
+               title: str = "lorakit", api_keys: dict[str, str] | None = None):
     """Build the FastAPI app around a started (or to-be-started) :class:`Engine`.
 
     Args:
@@ -109,10 +110,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
         request_log: a :class:`lorakit.serve.monitor.RequestLog` (None: no request log).
         extra_routers: ``fastapi.APIRouter`` objects mounted behind the API-key check.
         public_routers: routers mounted without it.
+        api_keys: several keys, each mapped to an owner name (``--keys-file``); the caller's
+            owner is ``request.state.owner`` (None when the server has no key).
 
     Returns:
         The app; ``app.state.engine``, ``app.state.metrics``, ``app.state.request_log`` and
-        ``app.state.require_api_key`` (a dependency) are there for other routers.
+        ``app.state.require_api_key`` (a dependency) are there for other routers;
+        ``app.state.model_visible(owner, model)`` decides which models an owner may list and
+        use (everything by default; fine-tuning jobs make their models owner-only).
     """
     from contextlib import asynccontextmanager
 
@@ -126,20 +131,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
     app = FastAPI(title=title, lifespan=lifespan)
     metrics = ServeMetrics(engine)
     app.state.engine, app.state.metrics, app.state.request_log = engine, metrics, request_log
-    expected = api_key.encode() if api_key else None
+    keys = {k.encode(): owner for k, owner in (api_keys or {}).items()}
+    if api_key:
+        keys[api_key.encode()] = "default"
 
     async def require_api_key(request: HTTPRequest) -> None:
-        if expected is None:
+        request.state.owner = None
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(given, expected):  # constant time
+        owner = None
+        for key, who in keys.items():  # constant time per key; every key is compared
+            if hmac.compare_digest(given, key):
+                owner = who
+        if owner is None:
             raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer "
                                 "KEY' (the key the server was started with).",
                            "authentication_error", code="invalid_api_key")
+        request.state.owner = owner
 
     app.state.require_api_key = require_api_key
+    app.state.model_visible = lambda owner, model: True
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -164,14 +178,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
     @v1.get("/models")
-    async def list_models():
+    async def list_models(http: HTTPRequest):
+        owner = getattr(http.state, "owner", None)
         base = {"id": engine.base_name, "object": "model", "created": engine.created,
                 "owned_by": "lorakit", "root": engine.base_name, "parent": None,
                 "max_model_len": engine.max_model_len}
         data = [base] + [{"id": name, "object": "model", "created": engine.created,
                           "owned_by": "lorakit", "root": str(path), "parent": engine.base_name,
                           "max_model_len": engine.max_model_len}
-                         for name, path in engine.adapters().items()]
+                         for name, path in engine.adapters().items()
+                         if app.state.model_visible(owner, name)]
         return {"object": "list", "data": data}
 
     @v1.post("/load_lora_adapter")
@@ -230,13 +246,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
 
     async def _generate(http, body: _GenerationBody, ids: list[int], endpoint: str, prompt):
         start, created = time.perf_counter(), int(time.time())
+        if not app.state.model_visible(getattr(http.state, "owner", None), body.model):
+            raise APIError(404, f"The model `{body.model}` does not exist.", "not_found_error",
+                           param="model", code="model_not_found")
         adapter = _resolve(body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # OpenAI: 16 for completions; vLLM: the rest of the context
             max_tokens = 16 if endpoint == "completions" else max(1, engine.max_model_len - len(ids))
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, stop=stop, seed=body.seed)
+                                top_p=body.top_p, stop=stop, seed=body.seed,
+                                ignore_eos=body.ignore_eos)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = Request(ids, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))

@@ -62,6 +62,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -544,7 +545,7 @@ class Engine:
             req.sink(("done", "cancelled"))
             return True
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.params.ignore_eos:
             finish = "stop"
         else:
             req.output_ids.append(token)
