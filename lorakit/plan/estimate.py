@@ -407,6 +407,10 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
             dtype = torch.float32 if e == 4 else torch.bfloat16
             weights = float(estimate_quantized_bytes(meta_model(config),
                                                      other_dtype=dtype)["total_bytes"])
+        if method == "qlora":
+            notes.append(f"lorakit loads the {'fp32' if e == 4 else '16-bit'} model onto the "
+                         f"device before quantizing it: loading briefly needs "
+                         f"{e * params / GIB:.1f} GiB there (not in the total)")
     adapter = 4.0 * layout["parameters"]
     gradients = 4.0 * trainable
     optim = OPTIMIZER_BYTES[optimizer] * trainable
