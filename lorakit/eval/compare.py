@@ -215,7 +215,14 @@ def check_same_base(model, folder: str | Path) -> None:
 
 
 def base_model_of(folder: str | Path) -> str | None:
-    """The base model spec an adapter records (lorakit manifest, else PEFT's config)."""
+    """The base model spec an adapter records (lorakit manifest, else PEFT's config).
+
+    Raises:
+        AdapterError: the folder does not exist or holds no adapter_config.json.
+    """
+    from lorakit.lora.io import read_adapter_config
+
+    read_adapter_config(folder)
     spec = adapter_manifest(folder).get("base_model")
     if spec:
         return spec

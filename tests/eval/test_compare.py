@@ -204,3 +204,8 @@ def test_html_report_renders_in_headless_chromium(run, capsys, tmp_path):
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console  # JS errors and failed resource loads are logged here
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_missing_adapter_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path / "nope"), "--data", "x.jsonl"]) == 2
+    assert f"adapter folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
