@@ -1,0 +1,76 @@
+"""Engine behaviour that the HTTP tests cannot see directly."""
+
+import threading
+
+import pytest
+
+from lorakit.serve import adapters as adapter_files
+from lorakit.serve.engine import SamplingParams, _safe_length
+
+
+def _ids(tokenizer, text="Count to ten."):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_hot_load_does_not_stall_generation(server, serve_env, monkeypatch):
+    """While an adapter's files are being read (held open here), running requests finish."""
+    engine = server["engine"]
+    release, reading = threading.Event(), threading.Event()
+    real_prepare = adapter_files.prepare
+
+    def slow_prepare(path, signature):
+        if path.name == "late":  # only the new adapter's read is slow (evicted ones reload)
+            reading.set()
+            assert release.wait(60)
+        return real_prepare(path, signature)
+
+    monkeypatch.setattr(adapter_files, "prepare", slow_prepare)
+    loader = threading.Thread(target=engine.add_adapter, args=("hot", serve_env["root"] / "late"),
+                              kwargs={"check_root": True})
+    loader.start()
+    try:
+        assert reading.wait(30)
+        out = engine.generate(_ids(engine.tokenizer), "a0",
+                              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                              timeout=60)
+        assert out["completion_tokens"] == 20 and "hot" not in engine.adapters()
+    finally:
+        release.set()
+        loader.join(60)
+    assert "hot" in engine.adapters()
+    assert engine.generate(_ids(engine.tokenizer), "hot", SamplingParams(max_tokens=3, temperature=0))
+    engine.remove_adapter("hot")
+
+
+def test_alone_equals_mixed_at_engine_level(server):
+    """Different prompt lengths (left padding), rows leaving early, adapters per row."""
+    engine = server["engine"]
+    tok = engine.tokenizer
+    jobs = [("a0", "Hi", 3), ("a1", "A much longer question about the weather today?", 12),
+            (None, "Why?", 7), ("a2", "Tell me a joke about cats and dogs", 5)]
+    alone = [engine.generate(_ids(tok, t), a, SamplingParams(max_tokens=n, temperature=0))
+             ["token_ids"] for a, t, n in jobs]
+    results = [None] * len(jobs)
+
+    def run(i):
+        a, t, n = jobs[i]
+        results[i] = engine.generate(_ids(tok, t), a, SamplingParams(max_tokens=n, temperature=0))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r["token_ids"] for r in results] == alone
+
+
+@pytest.mark.parametrize("text, stops, safe", [
+    ("hello wor", ["world"], 6),       # "wor" may become "world": hold it back
+    ("hello", ["xyz"], 5),
+    ("caf\ufffd", [], 3),              # an incomplete UTF-8 character is held back
+    ("ab", ["b", "abc"], 0),           # "ab" could start "abc"
+])
+def test_streaming_holds_back_possible_stop_prefixes(text, stops, safe):
+    assert _safe_length(text, stops) == safe
