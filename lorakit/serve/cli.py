@@ -68,6 +68,18 @@ def add_parsers(subparsers) -> None:
                        help="also log prompt and completion texts (needed for token drift)")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                        help="base model dtype (default: bfloat16 on a capable GPU, else float32)")
+    jobs = serve.add_argument_group(
+        "fine-tuning service", "OpenAI's files + fine-tuning jobs API and the web UI at /ui "
+                               "(docs/service.md)")
+    jobs.add_argument("--state-dir", metavar="DIR",
+                      help="enable fine-tuning jobs: uploaded files, job state (SQLite), run "
+                           "folders and fine-tuned adapters live here; a restarted server "
+                           "resumes interrupted jobs and serves finished ones")
+    jobs.add_argument("--max-concurrent-jobs", type=int, default=1, metavar="N",
+                      help="jobs trained at once, each in its own worker process (default: 1)")
+    jobs.add_argument("--keys-file", metavar="FILE",
+                      help="API keys with owners ('KEY OWNER' per line, or a JSON object); "
+                           "each owner sees only its own files, jobs and fine-tuned models")
     serve.set_defaults(func=run_serve)
 
     monitor = subparsers.add_parser(
@@ -128,12 +140,34 @@ def run_serve(args) -> int:
     log = None if args.log == "none" else RequestLog(args.log, log_text=args.log_text,
                                                      base_model=getattr(model, "lorakit_spec", None))
     api_key = check_api_key_source(args.api_key)
-    app = create_app(engine, api_key=api_key, request_log=log)
+    api_keys = None
+    if args.keys_file:
+        from lorakit.serve.jobs import load_keys
+
+        api_keys = load_keys(args.keys_file)
+    manager = None
+    if args.state_dir:
+        from pathlib import Path
+
+        from lorakit.serve.jobs import JobManager
+        from lorakit.serve.jobs_api import create_service_app
+
+        spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+        manager = JobManager(args.state_dir, engine, base_model=spec, base_name=base_name,
+                             max_concurrent=args.max_concurrent_jobs)
+        app = create_service_app(engine, manager, api_key=api_key, api_keys=api_keys,
+                                 request_log=log)
+        print(f"lorakit serve: fine-tuning jobs in {args.state_dir}, web UI at "
+              f"http://{args.host}:{args.port}/ui", flush=True)
+    else:
+        app = create_app(engine, api_key=api_key, api_keys=api_keys, request_log=log)
     print(f"lorakit serve: {base_name} + {len(names)} adapter(s) on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if api_key else ''}", flush=True)
+          f"{' (API key required)' if api_key or api_keys else ''}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
+        if manager is not None:
+            manager.stop()  # workers checkpoint; their jobs resume on the next start
         engine.stop()
     return 0
 

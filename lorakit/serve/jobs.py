@@ -460,6 +460,7 @@ class JobManager:
                         "tokens_per_s": record.get("tokens_per_s")}
                 if record.get("eval_loss") is not None:
                     data["valid_loss"] = record["eval_loss"]
+                data.update({k: v for k, v in record.items() if k.startswith("rewards/")})
                 self.store.add_event(job["id"], f"Step {record['step']}"
                                      f"{'/' + str(total) if total else ''}: training loss="
                                      f"{record['loss']:.4f}", data=data, type="metrics")

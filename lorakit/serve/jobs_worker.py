@@ -59,14 +59,19 @@ def build_config(job: dict, store) -> "RunConfig":  # noqa: F821
             "data": data, "train": train, "output_dir": job["run_dir"], "resume": resume}
     if method["type"] == "dpo":
         beta = (method.get("dpo") or {}).get("hyperparameters", {}).get("beta")
-        return _dpo_config(base, beta)
+        return _dpo_config({**base, "quantization_nf4": opts.get("quantization") == "nf4"}, beta)
     return load_config(base=base)
 
 
 def _dpo_config(base: dict, beta) -> "RunConfig":  # noqa: F821
+    """``method: dpo`` (a fresh adapter; the reference is the base with adapters off); a
+    ``quantization`` section makes it QLoRA-DPO (see lorakit.train.dpo)."""
     from lorakit.config import load_config
 
-    base = {**base, "method": "dpo" if base["method"] == "lora" else base["method"]}
+    base = {**base, "method": "dpo"}
+    if base.get("quantization_nf4"):
+        base["quantization"] = {"type": "nf4"}
+    base.pop("quantization_nf4", None)
     if beta not in (None, "auto"):
         base["dpo"] = {"beta": float(beta)}
     return load_config(base=base)

@@ -1,0 +1,79 @@
+"""Shared by the fine-tuning service tests (tests/serve/test_jobs*.py, test_ui.py): small
+datasets, polling a job, and a `lorakit serve --state-dir` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"Spell the digit {i % 10} ({i})", "completion": WORDS[i % 10]}
+            for i in range(start, start + n)]
+
+
+def dpo_rows(n: int) -> list[dict]:
+    return [{"prompt": f"Spell the digit {i % 10} ({i})", "chosen": WORDS[i % 10],
+             "rejected": WORDS[(i + 3) % 10]} for i in range(n)]
+
+
+def bad_rows_text() -> str:
+    return ('{"prompt": "Spell 1", "completion": "one"}\n'
+            '{"prompt": 3, "completion": "three"}\n'
+            'this line is not JSON\n'
+            '{"prompt": "Spell 2", "completion": "two"}\n')
+
+
+def wait_job(client, job_id: str, timeout: float = 240, until=TERMINAL):
+    """Poll with the openai client until the job's status is in ``until``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in until:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli_server(base_dir: Path, state_dir: Path, port: int, log: Path, *extra: str,
+                     timeout: float = 120) -> subprocess.Popen:
+    """`lorakit serve --state-dir` as a real process; returns once /health answers."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(base_dir),
+           "--served-model-name", "tiny-base", "--state-dir", str(state_dir), "--port", str(port),
+           "--log", "none", "--max-model-len", "256", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
