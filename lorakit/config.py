@@ -106,6 +106,24 @@ class TrainSection(_Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
+class DpoSection(_Section):
+    """Preference optimisation settings (``method: dpo``; see docs/dpo.md)."""
+
+    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # cDPO: the share of pairs assumed mislabelled (sigmoid loss only)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0)  # + weight x NLL of the chosen answers (RPO)
+    precompute_reference: bool = False  # reference log-probs once, cached in the run folder
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self):
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only (loss is "
+                             f"{self.loss!r}); set dpo.label_smoothing=0 or dpo.loss=sigmoid")
+        return self
+
+
 class RunConfig(_Section):
     """Everything a training run needs. See ``examples/`` for complete files."""
 
@@ -113,13 +131,30 @@ class RunConfig(_Section):
     # written `model: {name: NAME, device_map: auto}` (or the override model.device_map=auto);
     # kept beside `model` so `cfg.model` stays the model spec. See docs/distributed.md.
     device_map: Optional[Union[Literal["auto", "balanced", "sequential"], dict[str, Union[int, str]]]] = None
-    method: Literal["lora", "qlora", "full"] = "lora"
+    # dpo: preference optimisation with a LoRA adapter; QLoRA when `quantization` is given
+    method: Literal["lora", "qlora", "full", "dpo"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    # dpo: start from this (SFT) adapter folder; it is also the frozen reference
+    init_adapter: Optional[str] = None
     output_dir: Optional[str] = None
     resume: bool = False
+
+    @model_validator(mode="after")
+    def _init_adapter_needs_dpo(self):
+        if self.init_adapter is not None and self.method != "dpo":
+            raise ValueError(f"init_adapter is used by method: dpo (method is {self.method!r})")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is loaded in 4 bits: ``method: qlora``, or ``method: dpo`` with a
+        ``quantization`` section given."""
+        return self.method == "qlora" or (self.method == "dpo"
+                                           and "quantization" in self.model_fields_set)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,6 +188,11 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
+        if self.method == "dpo" and not self.quantized:
+            data.pop("quantization")  # written, it would turn the run into QLoRA when read back
+        if self.method != "dpo":
+            data.pop("dpo")
+            data.pop("init_adapter")
         device_map = data.pop("device_map", None)
         if device_map is not None:
             data["model"] = {"name": data["model"], "device_map": device_map}

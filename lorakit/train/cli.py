@@ -6,29 +6,31 @@ import argparse
 import sys
 
 TRAIN_HELP = """\
-Fine-tune a model with LoRA, QLoRA or full fine-tuning.
+Fine-tune a model with LoRA, QLoRA or full fine-tuning, or align it with DPO.
 
   lorakit train                               # the bundled text-to-SQL example
   lorakit train run.yaml                      # your config
   lorakit train run.yaml train.lr=1e-4 lora.r=8 output_dir=runs/r8
   lorakit train run.yaml resume=true          # continue from the last checkpoint
   lorakit train run.yaml --nproc 4            # 4 processes (torchrun), train.strategy=ddp|fsdp
+  lorakit train examples/dpo.yaml             # DPO on preference pairs (docs/dpo.md)
 
 Config keys (YAML, or dotted key=value overrides):
-  model, method (lora|qlora|full), output_dir, resume,
+  model, method (lora|qlora|full|dpo), output_dir, resume, init_adapter (dpo: SFT adapter),
   lora.{r, alpha, dropout, target_modules, rslora, dora, bias, modules_to_save},
   quantization.{type, double_quant, compute_dtype},
   data.{train, eval, eval_fraction, format, max_length, packing, train_on},
   train.{epochs, max_steps, batch_size, grad_accum, lr, scheduler, warmup, weight_decay,
          max_grad_norm, precision, grad_checkpointing, seed, eval_every, save_every,
          keep_checkpoints, early_stopping_patience, log_every, report_to, strategy},
+  dpo.{beta, loss (sigmoid|ipo|hinge), label_smoothing, sft_weight, precompute_reference},
   model.{name, device_map}  (model: NAME is short for model.name)
 The run folder gets config.yaml, adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.
 """
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model (LoRA / QLoRA / full)",
+    p = sub.add_parser("train", help="fine-tune a model (LoRA / QLoRA / full / DPO)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="a YAML config file and/or dotted overrides")
@@ -74,6 +76,12 @@ def _train(args) -> int:
     if args.resume:
         overrides.append("resume=true")
     cfg = load_config(path, overrides, base=None if path else example_config())
+    if cfg.method == "dpo":
+        from lorakit.errors import ConfigError
+        from lorakit.train.dpo import train
+
+        if args.nproc is not None and args.nproc > 1:
+            raise ConfigError("method: dpo runs in one process; drop --nproc")
     if args.nproc is not None:  # config checked above; now the same command in N processes
         from lorakit.train.distributed import launch
 
@@ -95,10 +103,15 @@ def _print_summary(result) -> None:
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_row("steps / epochs", f"{s['steps']} / {s['epochs']}")
     table.add_row("wall time", f"{s['wall_time_s']:.1f} s")
-    table.add_row("supervised tokens/s", f"{s['supervised_tokens_per_s']:.0f}")
+    if "supervised_tokens_per_s" in s:
+        table.add_row("supervised tokens/s", f"{s['supervised_tokens_per_s']:.0f}")
+    if "pairs_per_s" in s:  # dpo
+        table.add_row("pairs/s", f"{s['pairs_per_s']:.2f}")
     table.add_row("final train loss", f"{s['final_train_loss']:.4f}")
     if s.get("final_eval_loss") is not None:
         table.add_row("final eval loss", f"{s['final_eval_loss']:.4f}")
+    if s.get("final_eval_reward_accuracy") is not None:
+        table.add_row("eval reward accuracy", f"{s['final_eval_reward_accuracy']:.3f}")
     table.add_row("peak memory", f"{s['peak_memory_bytes'] / 2**30:.2f} GiB")
     table.add_row("adapter", str(result.adapter_dir))
     Console(stderr=False).print(table)

@@ -85,11 +85,18 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     n_tokens = int(mask.sum())
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    logits = head_logits(model, hidden[:, :-1][mask])  # (N, V)
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), n_tokens
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output head on selected hidden states (N, H) -> float32 logits (N, V), with the
+    final logit soft-capping some models (Gemma 2) apply."""
+    logits = model.get_output_embeddings()(hidden).float()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), n_tokens
+    return logits
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:
@@ -284,6 +291,49 @@ def plot_losses(history: list, path: Path, title: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_metrics(metrics_path: Path, keys: list[str], path: Path, title: str,
+                 ylabel: str) -> bool:
+    """Curves of ``keys`` read back from ``metrics.jsonl`` (so a resumed run plots its whole
+    history) to a PNG. Returns False, writing nothing, when no record holds any of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()
+               if line.strip()]
+    series = {k: [(r["step"], r[k]) for r in records if r.get(k) is not None] for k in keys}
+    if not any(series.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, points in series.items():
+        if points:
+            ax.plot(*zip(*points), label=key, marker="o" if key.startswith("eval") else None,
+                    linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def check_finite(loss: float, step: int, run_dir: Path, lr: float) -> None:
+    """The NaN guard: raise :class:`TrainingError` naming the last good checkpoint when the
+    step's loss is not finite (call it before the optimizer step)."""
+    if math.isfinite(loss):
+        return
+    last = list_checkpoints(run_dir)
+    raise TrainingError(f"loss became {loss} at step {step}; training stopped. "
+                        + (f"The last good checkpoint is {last[-1]}. " if last else "")
+                        + f"Lower train.lr (now {lr}) or check the data.")
 
 
 # ---------------------------------------------------------------------- signals and memory

@@ -1,0 +1,598 @@
+r"""Direct Preference Optimisation (DPO) with LoRA or QLoRA. Read top to bottom:
+
+1. setup: the base (4-bit when a ``quantization`` section is given), the policy adapter, and
+   the reference, which shares the base's weights (no second model copy):
+   - a fresh adapter: the reference is the base with adapters switched off;
+   - ``init_adapter: runs/sft/adapter``: the SFT adapter is loaded twice on the one base, as
+     ``reference`` (frozen) and ``default`` (the policy, trained). The reference is then
+     base + SFT adapter, never the plain base, so an SFT-then-DPO run cannot silently
+     measure its rewards against the wrong model.
+2. data: preference pairs, tokenised as prompt + chosen and prompt + rejected, labels on the
+   answers only (``lorakit.data.preference``)
+3. optionally the reference log-probabilities of every pair, computed once and cached in the
+   run folder (``dpo.precompute_reference``), so training runs only the policy
+4. the loop: chosen and rejected rows in one forward, summed answer log-probs, DPO loss,
+   rewards and accuracy logged; checkpoints, resume, stop and NaN guards from ``common``
+5. finish: the policy adapter, loss and reward plots, summary
+
+The loss, for a pair with answer log-probs summed over the answer tokens (prompt masked)::
+
+    r_c = beta (log pi(y_c|x) - log ref(y_c|x))      r_r likewise      (the "rewards")
+    sigmoid  -(1-e) log sigmoid(r_c - r_r) - e log sigmoid(r_r - r_c)   (e: label_smoothing, cDPO)
+    hinge    relu(1 - (r_c - r_r))
+    ipo      ((d_c/n_c - d_r/n_r) - 1/(2 beta))^2,  d = log pi - log ref, n = answer tokens
+    + sft_weight x (mean NLL of the chosen answer tokens)                                 (RPO)
+
+These are TRL's definitions (``trl.DPOTrainer``; IPO length-normalised as TRL does, rewards
+unnormalised); tests/train/test_dpo.py checks values and gradients against TRL itself.
+Our own loop rather than TRL's trainer for the same reasons as ``sft.py``: the output head
+runs only on answer tokens, resume is exact mid-epoch, and the reference needs no copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.config import RunConfig
+from lorakit.errors import AdapterError, ConfigError, DataError
+from lorakit.train import common
+from lorakit.train.common import IGNORE_INDEX, LoopState
+# progress bar, TensorBoard writer, early stopping and the result type are the SFT recipe's
+from lorakit.train.sft import TrainResult, _early_stop, _Progress, _summary_writer_class
+
+POLICY = "default"  # the trained adapter (saved as the run's adapter/)
+REFERENCE = "reference"  # the frozen init_adapter copy, when there is one
+CACHE_NAME = "reference_logps.safetensors"
+
+
+# ---------------------------------------------------------------------- the maths
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each row's labelled tokens, summed, and how many there are.
+
+    The output head runs only where the next token is labelled (the answer), as in
+    ``common.supervised_loss``.
+
+    Returns:
+        ``(logps, n_tokens)``: (R,) float32 sums of log p(token) over the labelled tokens of
+        each row, and (R,) long counts.
+    """
+    labels = batch["labels"]
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state  # (R, T, H)
+    targets = labels[:, 1:]  # (R, T-1): position t predicts token t+1
+    mask = targets != IGNORE_INDEX
+    logits = common.head_logits(model, hidden[:, :-1][mask])  # (N, V)
+    token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
+    rows = mask.nonzero()[:, 0]  # (N,) the row of each labelled token
+    logps = torch.zeros(labels.shape[0], device=logits.device, dtype=torch.float32)
+    return logps.index_add(0, rows, token_logps), mask.sum(dim=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *, beta: float,
+             loss: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-pair DPO loss and the implicit rewards.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) summed answer log-probs.
+        beta: the KL strength (IPO's tau).
+        loss: ``sigmoid`` (DPO), ``hinge`` (SLiC) or ``ipo``.
+        label_smoothing: cDPO's share of flipped labels (sigmoid only).
+        chosen_tokens, rejected_tokens: (B,) answer lengths, needed by ``ipo``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each (B,); rewards are detached.
+    """
+    chosen_logratios = policy_chosen - ref_chosen  # (B,)
+    rejected_logratios = policy_rejected - ref_rejected
+    delta = chosen_logratios - rejected_logratios
+    if loss == "sigmoid":
+        losses = (-F.logsigmoid(beta * delta) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * delta) * label_smoothing)
+    elif loss == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs chosen_tokens and rejected_tokens")
+        ipo_delta = (chosen_logratios / chosen_tokens.clamp(min=1)
+                     - rejected_logratios / rejected_tokens.clamp(min=1))
+        losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}; choose sigmoid, ipo or hinge")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ---------------------------------------------------------------------- 1. setup
+def setup_model(cfg: RunConfig, device: torch.device, precision: str, log=print):
+    """Load the base once and put the policy (and, with ``init_adapter``, the reference)
+    adapter on it.
+
+    Returns:
+        ``(model, tokenizer, counts, has_reference_adapter)``.
+
+    Raises:
+        AdapterError: ``init_adapter`` is missing or was trained on another base model.
+    """
+    from lorakit.lora.inject import add_adapter, set_adapter, trainable_parameters
+    from lorakit.lora.io import load_adapter
+    from lorakit.models.load import load_model
+
+    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs = {}
+    if cfg.quantized:
+        q = cfg.quantization
+        kwargs = dict(quantization=q.type, double_quant=q.double_quant,
+                      compute_dtype=q.compute_dtype)
+    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device,
+                                  device_map=cfg.device_map, **kwargs)
+    if cfg.init_adapter:
+        folder = Path(cfg.init_adapter)
+        # A manifest that names another base is an error here, not a warning: rewards measured
+        # against the wrong reference train silently wrong.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            try:
+                for name in (REFERENCE, POLICY):  # the policy last: it is the active, trained one
+                    load_adapter(model, folder, name, tokenizer=tokenizer)
+            except UserWarning as exc:
+                raise AdapterError(f"init_adapter {folder}: {exc}") from None
+        set_adapter(model, POLICY)  # only the policy's parameters train
+        if "lora" in cfg.model_fields_set:
+            log(f"init_adapter: the adapter's own settings ({folder / 'adapter_config.json'}) "
+                f"are used; the lora: section is ignored")
+    else:
+        add_adapter(model, cfg.lora.to_lora_config(), name=POLICY)
+    # No dropout (TRL's disable_dropout default): the policy's log-probs must be comparable with
+    # the reference's, so a pair's step-0 loss is exactly log 2 and rewards measure the adapter.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tokenizer, trainable_parameters(model), bool(cfg.init_adapter)
+
+
+@contextmanager
+def reference(model, has_reference_adapter: bool):
+    """Within this block ``model`` is the reference: the base with adapters switched off, or
+    the frozen ``reference`` adapter. Eval mode and no gradients, so the reference log-probs
+    do not depend on when or how often they are computed."""
+    from lorakit.lora.inject import disable_adapters, lora_layers
+    from lorakit.lora.layers import ModulesToSaveWrapper
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not has_reference_adapter:
+                with disable_adapters(model):
+                    yield model
+            else:
+                # switch the active adapter of every layer without touching requires_grad
+                # (set_adapter would unfreeze the reference and freeze the policy)
+                layers = [l for _, l in lora_layers(model)] + [
+                    m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+                before = [l.active_adapter for l in layers]
+                for layer in layers:
+                    layer.active_adapter = REFERENCE
+                try:
+                    yield model
+                finally:
+                    for layer, name in zip(layers, before):
+                        layer.active_adapter = name
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------- 2. data
+def prepare_pairs(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict]]:
+    """Load, validate, split and tokenise the train and eval preference pairs."""
+    from lorakit.data.preference import tokenize_pairs
+    from lorakit.data.split import split_train_eval
+    from lorakit.train.sft import _load
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set: give a JSONL file of "
+                          '{"prompt", "chosen", "rejected"} records, e.g. data.train=pairs.jsonl')
+    from lorakit.data.formats import load_examples
+
+    train = _load(cfg.data.train, cfg, load_examples, log)
+    if cfg.data.eval:
+        evals = _load(cfg.data.eval, cfg, load_examples, log)
+    elif cfg.data.eval_fraction:
+        train, evals = split_train_eval(train, cfg.data.eval_fraction, seed=cfg.train.seed)
+    else:
+        evals = []
+
+    def pairs_of(examples, what):
+        pairs, dropped = tokenize_pairs(examples, tokenizer, cfg.data.max_length)
+        if dropped:
+            log(f"{what}: {len(dropped)} pairs have no answer token within data.max_length="
+                f"{cfg.data.max_length} and are skipped (first: {dropped[0].source[0]}:"
+                f"{dropped[0].source[1]})")
+        return pairs
+
+    train_pairs = pairs_of(train, "train")
+    if not train_pairs:
+        raise DataError(f"{cfg.data.train}: no usable preference pair")
+    return train_pairs, pairs_of(evals, "eval") if evals else []
+
+
+def make_batch(pairs: list[dict], idx: list[int], pad_id: int, device) -> dict:
+    from lorakit.data.preference import collate_pairs
+
+    return {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
+
+
+# ---------------------------------------------------------------------- 3. reference log-probs
+@torch.no_grad()
+def reference_logps(model, pairs: list[dict], idx_batches, pad_id, device, precision,
+                    has_reference_adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of the chosen and rejected answers of ``pairs``, (N,) each."""
+    chosen = torch.zeros(len(pairs))
+    rejected = torch.zeros(len(pairs))
+    with reference(model, has_reference_adapter):
+        for idx in idx_batches:
+            batch = make_batch(pairs, idx, pad_id, device)
+            with common.autocast(precision, device):
+                logps, _ = sequence_logps(model, batch)
+            c, r = logps.float().cpu().chunk(2)
+            chosen[idx], rejected[idx] = c, r
+    return chosen, rejected
+
+
+def cached_reference(cfg, model, run_dir: Path, splits: dict[str, list[dict]], pad_id, device,
+                     precision, has_reference_adapter, log) -> dict[str, torch.Tensor]:
+    """``dpo.precompute_reference``: every pair's reference log-probs, computed once and kept
+    in ``run_dir/reference_logps.safetensors`` (reused on resume when the data, model and
+    reference are unchanged)."""
+    from safetensors.torch import load_file
+
+    from lorakit.lora.io import atomic_save_safetensors
+
+    digest = hashlib.sha256()
+    for name, pairs in splits.items():
+        digest.update(name.encode())
+        for p in pairs:
+            digest.update(json.dumps([p["chosen_input_ids"], p["chosen_labels"],
+                                      p["rejected_input_ids"], p["rejected_labels"]]).encode())
+    digest.update(json.dumps([cfg.model, cfg.init_adapter, cfg.quantized, precision,
+                              cfg.quantization.model_dump() if cfg.quantized else None]).encode())
+    if cfg.init_adapter:
+        digest.update((Path(cfg.init_adapter) / "adapter_model.safetensors").read_bytes())
+    fingerprint = digest.hexdigest()
+    path = run_dir / CACHE_NAME
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                log(f"reference log-probs: reusing {path}")
+                return load_file(str(path))
+    started = time.perf_counter()
+    out = {}
+    step = cfg.train.batch_size
+    for name, pairs in splits.items():
+        batches = [list(range(s, min(s + step, len(pairs)))) for s in range(0, len(pairs), step)]
+        out[f"{name}_chosen"], out[f"{name}_rejected"] = reference_logps(
+            model, pairs, batches, pad_id, device, precision, has_reference_adapter)
+    atomic_save_safetensors(out, path, metadata={"fingerprint": fingerprint})
+    log(f"reference log-probs of {sum(map(len, splits.values()))} pairs computed in "
+        f"{time.perf_counter() - started:.1f} s and cached in {path}")
+    return out
+
+
+# ---------------------------------------------------------------------- scoring a batch
+def score_batch(model, batch, ref: tuple[torch.Tensor, torch.Tensor] | None, cfg: RunConfig,
+                precision, device, has_reference_adapter):
+    """Policy (and, unless cached, reference) log-probs of a batch of pairs and the DPO terms.
+
+    Returns:
+        dict of (B,) tensors: ``losses`` (with grad), ``chosen_rewards``, ``rejected_rewards``,
+        ``chosen_logps`` (with grad), ``rejected_logps``, and ``chosen_tokens`` (B,) long.
+    """
+    if ref is None:
+        with reference(model, has_reference_adapter), common.autocast(precision, device):
+            ref_logps, _ = sequence_logps(model, batch)
+        ref = ref_logps.float().chunk(2)
+    with common.autocast(precision, device):
+        logps, n_tokens = sequence_logps(model, batch)  # (2B,): chosen rows, then rejected
+    policy_chosen, policy_rejected = logps.chunk(2)
+    chosen_tokens, rejected_tokens = n_tokens.chunk(2)
+    d = cfg.dpo
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref[0].to(logps.device), ref[1].to(logps.device),
+        beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    return {"losses": losses, "chosen_rewards": chosen_rewards,
+            "rejected_rewards": rejected_rewards, "chosen_logps": policy_chosen,
+            "rejected_logps": policy_rejected.detach(), "chosen_tokens": chosen_tokens}
+
+
+class _Stats:
+    """Sums of the per-pair numbers over a step or an evaluation -> the logged means."""
+
+    def __init__(self):
+        self.n = 0
+        self.sums = dict.fromkeys(("loss", "chosen", "rejected", "accuracy", "margin",
+                                   "logps_chosen", "logps_rejected"), 0.0)
+
+    def add(self, s: dict) -> None:
+        c, r = s["chosen_rewards"], s["rejected_rewards"]
+        self.n += len(c)
+        for key, value in (("loss", s["losses"]), ("chosen", c), ("rejected", r),
+                           ("accuracy", (c > r).float()), ("margin", c - r),
+                           ("logps_chosen", s["chosen_logps"]),
+                           ("logps_rejected", s["rejected_logps"])):
+            self.sums[key] += float(value.detach().float().sum())
+
+    def record(self, prefix: str = "") -> dict:
+        m = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        return {f"{prefix}loss": m["loss"], f"{prefix}rewards/chosen": m["chosen"],
+                f"{prefix}rewards/rejected": m["rejected"],
+                f"{prefix}rewards/accuracy": m["accuracy"], f"{prefix}rewards/margin": m["margin"],
+                f"{prefix}logps/chosen": m["logps_chosen"],
+                f"{prefix}logps/rejected": m["logps_rejected"]}
+
+
+@torch.no_grad()
+def evaluate(model, pairs, cfg, pad_id, device, precision, has_reference_adapter,
+             cache: dict | None = None, prefix: str = "eval_") -> dict | None:
+    """Mean DPO loss, rewards, reward accuracy, margin and log-probs over held-out pairs."""
+    if not pairs:
+        return None
+    was_training = model.training
+    model.eval()
+    stats = _Stats()
+    for start in range(0, len(pairs), cfg.train.batch_size):
+        idx = list(range(start, min(start + cfg.train.batch_size, len(pairs))))
+        ref = (cache["eval_chosen"][idx], cache["eval_rejected"][idx]) if cache else None
+        batch = make_batch(pairs, idx, pad_id, device)
+        stats.add(score_batch(model, batch, ref, cfg, precision, device, has_reference_adapter))
+    model.train(was_training)
+    return stats.record(prefix)
+
+
+# ---------------------------------------------------------------------- the recipe
+def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainResult:
+    """Run DPO as ``cfg`` describes (``method: dpo``). Returns the run folder and summary.
+
+    Raises:
+        ConfigError / DataError / AdapterError: bad settings, data or init_adapter (no run
+            folder is left behind).
+        TrainingError: NaN loss or out of memory (the last good checkpoint is kept).
+    """
+    from lorakit.data.tokenize import pad_token_id
+    from lorakit.lora.io import load_adapter_weights, save_adapter
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if cfg.method != "dpo":
+        raise ConfigError(f"lorakit.train.dpo runs method: dpo, not {cfg.method!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("method: dpo runs in one process; drop --nproc / torchrun")
+    device = common.default_device()
+    precision = common.resolve_precision(cfg.train.precision, device)
+    run_dir = cfg.resolved_output_dir()
+    resume_from = common.list_checkpoints(run_dir)[-1] if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
+    if not cfg.resume and (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, or "
+                          f"choose another output_dir")
+    torch.manual_seed(cfg.train.seed)
+
+    # 1-2. model, reference and data, before anything is written
+    model, tokenizer, counts, has_ref_adapter = setup_model(cfg, device, precision, log)
+    if cfg.device_map is not None:
+        device = model.get_input_embeddings().weight.device
+    train_pairs, eval_pairs = prepare_pairs(cfg, tokenizer, log)
+    pad_id = pad_token_id(tokenizer)
+    order = common.DataOrder(len(train_pairs), cfg.train.batch_size, cfg.train.seed)
+    micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
+                   else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
+    total_steps = -(-micro_total // cfg.train.grad_accum)
+    ref_name = f"base + {cfg.init_adapter} (frozen)" if has_ref_adapter else "base, adapters off"
+    log(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) on {cfg.model}"
+        f"{' (4-bit)' if cfg.quantized else ''}: {counts['trainable']:,} trainable of "
+        f"{counts['total']:,} parameters, {len(train_pairs)} pairs, {total_steps} steps, "
+        f"reference = {ref_name}, precision {precision}, device {device}")
+    summary_writer = _summary_writer_class(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # 3. reference cache, weights to resume from, optimizer, schedule
+    cache = None
+    if cfg.dpo.precompute_reference:
+        splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+        cache = cached_reference(cfg, model, run_dir, splits, pad_id, device, precision,
+                                 has_ref_adapter, log)
+    if resume_from is not None:
+        load_adapter_weights(model, resume_from / "adapter", POLICY)
+    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
+    loop = LoopState()
+    if resume_from is not None:
+        loop = common.load_checkpoint(resume_from, optimizer, scheduler)
+        log(f"resumed from {resume_from} (step {loop.step})")
+    loop.micro_rows = order.batch_size
+    metrics = common.MetricsLog(run_dir / "metrics.jsonl",
+                                resume_step=loop.step if resume_from is not None else None)
+    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer else None
+
+    def checkpoint() -> Path:
+        return common.save_checkpoint(
+            run_dir, model, optimizer, scheduler, loop,
+            lambda folder: save_adapter(model, folder / "adapter", POLICY, tokenizer=tokenizer),
+            cfg.train.keep_checkpoints)
+
+    # 4. the loop
+    started = time.perf_counter()
+    elapsed_before = loop.elapsed
+    stopped_early = interrupted = False
+    last_eval = None
+    bar = _Progress(total_steps, loop.step, enabled=progress)
+    try:
+        with common.StopFlag() as stop, bar:
+            while loop.step < total_steps:
+                micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
+                chosen_idx = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
+                batches = [make_batch(train_pairs, idx, pad_id, device) for idx in chosen_idx]
+                n_pairs = sum(len(idx) for idx in chosen_idx)  # the step's, for the mean
+                n_chosen_tokens = sum(int((b["labels"][:len(b["labels"]) // 2, 1:] != IGNORE_INDEX)
+                                          .sum()) for b in batches)
+                loop.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+                stats = _Stats()
+                for idx, batch in zip(chosen_idx, batches):
+                    ref = (cache["train_chosen"][idx], cache["train_rejected"][idx]) if cache else None
+                    s = score_batch(model, batch, ref, cfg, precision, device, has_ref_adapter)
+                    objective = s["losses"].sum() / n_pairs
+                    if cfg.dpo.sft_weight:  # RPO: NLL of the chosen answers, per token
+                        objective = objective - cfg.dpo.sft_weight * s["chosen_logps"].sum() / max(
+                            n_chosen_tokens, 1)
+                    objective.backward()
+                    stats.add(s)
+                record = stats.record()
+                loss = record["loss"]
+                if cfg.dpo.sft_weight:
+                    record["sft_loss"] = -stats.sums["logps_chosen"] / max(n_chosen_tokens, 1)
+                objective_value = loss + cfg.dpo.sft_weight * record.get("sft_loss", 0.0)
+                if not math.isfinite(objective_value):
+                    optimizer.zero_grad(set_to_none=True)
+                    common.check_finite(objective_value, loop.step + 1, run_dir, cfg.train.lr)
+                grad_norm = None
+                if cfg.train.max_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop.step += 1
+                loop.micro_index += micro
+                loop.supervised_seen += n_pairs  # pairs, for DPO
+                loop.last_loss = loss
+                now = loop.elapsed = elapsed_before + time.perf_counter() - started
+                record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
+                          **record, "lr": lr, "grad_norm": grad_norm,
+                          "pairs_per_s": loop.supervised_seen / max(now, 1e-9)}
+                eval_loss = None
+                if eval_pairs and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
+                    last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision,
+                                         has_ref_adapter, cache)
+                    record.update(last_eval)
+                    eval_loss = loop.last_eval_loss = last_eval["eval_loss"]
+                    stopped_early = _early_stop(loop, eval_loss, cfg)
+                loop.history.append((loop.step, loss, eval_loss))
+                if loop.step % cfg.train.log_every == 0 or eval_loss is not None:
+                    metrics.write(record)
+                    if tb:
+                        for key, value in record.items():
+                            if key not in ("step", "epoch") and value is not None:
+                                tb.add_scalar(f"dpo/{key}", value, loop.step)
+                bar.update(loop.step, loss, loop.tokens_seen / max(now, 1e-9), eval_loss)
+                if not bar.enabled and (loop.step % max(1, total_steps // 20) == 0 or eval_loss):
+                    log(_line(record, total_steps))
+                if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
+                    checkpoint()
+                if stop.requested:
+                    path = checkpoint()
+                    log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
+                    interrupted = True
+                    break
+                if stopped_early:
+                    log(f"early stopping at step {loop.step}: eval loss has not improved for "
+                        f"{cfg.train.early_stopping_patience} evaluations")
+                    break
+    except Exception as exc:
+        if common.is_oom(exc):
+            raise common.out_of_memory_error(exc, cfg) from None
+        raise
+    finally:
+        metrics.close()
+        if tb:
+            tb.close()
+
+    # 5. finish
+    if interrupted:
+        return TrainResult(run_dir, run_dir / "adapter", {}, interrupted=True)
+    if eval_pairs and (last_eval is None or loop.step % (cfg.train.eval_every or loop.step + 1)):
+        last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision, has_ref_adapter,
+                             cache)
+        loop.history.append((loop.step, None, last_eval["eval_loss"]))
+        metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
+        metrics.write({"step": loop.step, **last_eval})
+        metrics.close()
+    summary = _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early,
+                       len(train_pairs), len(eval_pairs), ref_name)
+    _write_final(cfg, model, tokenizer, run_dir, loop, summary)
+    return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
+
+
+def _write_final(cfg, model, tokenizer, run_dir: Path, loop: LoopState, summary: dict) -> None:
+    """The policy adapter, loss and reward plots, summary.json."""
+    from lorakit.lora.io import save_adapter
+
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, POLICY, tokenizer=tokenizer,
+                 extra_manifest={"run": str(run_dir), "steps": loop.step, "method": "dpo",
+                                 "init_adapter": cfg.init_adapter})
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    tmp.rename(run_dir / "adapter")
+    title = f"dpo on {cfg.model}"
+    common.plot_losses(loop.history, run_dir / "loss.png", title)
+    common.plot_metrics(run_dir / "metrics.jsonl",
+                        ["rewards/chosen", "rewards/rejected", "rewards/margin",
+                         "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margin"],
+                        run_dir / "rewards.png", title, "implicit reward (beta x log-ratio)")
+    common.plot_metrics(run_dir / "metrics.jsonl", ["rewards/accuracy", "eval_rewards/accuracy"],
+                        run_dir / "reward_accuracy.png", title, "reward accuracy")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early, n_train,
+             n_eval, ref_name) -> dict:
+    return {
+        "method": "dpo", "model": cfg.model, "quantized": cfg.quantized,
+        "loss_type": cfg.dpo.loss, "beta": cfg.dpo.beta, "reference": ref_name,
+        "precompute_reference": cfg.dpo.precompute_reference,
+        "steps": loop.step, "epochs": round(order.epoch_of(loop.micro_index), 4),
+        "wall_time_s": round(loop.elapsed, 2), "tokens_seen": loop.tokens_seen,
+        "pairs_seen": loop.supervised_seen,
+        "pairs_per_s": round(loop.supervised_seen / max(loop.elapsed, 1e-9), 3),
+        "tokens_per_s": round(loop.tokens_seen / max(loop.elapsed, 1e-9), 2),
+        "peak_memory_bytes": common.peak_memory_bytes(device),
+        "final_train_loss": loop.last_loss,
+        "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
+        "final_eval_reward_accuracy": last_eval["eval_rewards/accuracy"] if last_eval else None,
+        "final_eval_reward_margin": last_eval["eval_rewards/margin"] if last_eval else None,
+        "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
+        "precision": precision, "device": str(device), "stopped_early": stopped_early,
+        "train_pairs": n_train, "eval_pairs": n_eval,
+    }
+
+
+def _line(record: dict, total: int) -> str:
+    text = (f"step {record['step']}/{total} loss {record['loss']:.4f} "
+            f"acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f} "
+            f"lr {record['lr']:.2e}")
+    if record.get("eval_loss") is not None:
+        text += (f" eval_loss {record['eval_loss']:.4f} "
+                 f"eval_acc {record['eval_rewards/accuracy']:.2f}")
+    return text
