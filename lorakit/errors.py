@@ -28,6 +28,11 @@ class DataError(LorakitError):
     """A data file is malformed or unusable."""
 
 
+class ExportError(LorakitError):
+    """An export cannot be done or failed its check (parity gate, unsupported architecture,
+    output already there)."""
+
+
 def did_you_mean(name: str, choices) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
     import difflib

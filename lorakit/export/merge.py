@@ -132,3 +132,246 @@ def parity_report(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tenso
         "greedy_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
         "positions": int(keep.sum()),
     }
+
+
+def untie_if_diverged(model: nn.Module) -> None:
+    """Set ``tie_word_embeddings`` False when the output head no longer shares the input
+    embedding's weight (``modules_to_save=["lm_head"]`` trained a copy): with the flag left
+    on, from_pretrained would re-tie the head to the embeddings and drop the trained copy."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is None:
+        return
+    if get_out().weight is get_in().weight:
+        return
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+# ---------------------------------------------------------------------- adapter folder -> HF folder
+class AdaptedBase:
+    """An adapter folder loaded on its base, ready to merge and to compare against.
+
+    Attributes:
+        spec: the base model spec used.
+        model: the adapter over the full-precision (float32) base.
+        quantized: for a QLoRA adapter, the adapter over the base quantized the way the
+            manifest records (the model it was trained on); else None.
+        tokenizer: the base's tokenizer.
+        config: the adapter's LoraConfig.
+        manifest: ``lorakit.json`` (empty for a plain PEFT adapter).
+    """
+
+    def __init__(self, spec, model, quantized, tokenizer, config, manifest):
+        self.spec, self.model, self.quantized = spec, model, quantized
+        self.tokenizer, self.config, self.manifest = tokenizer, config, manifest
+
+    @property
+    def merge_source(self) -> nn.Module:
+        """What the adapter is folded into: the dequantized 4-bit base for QLoRA (the weights
+        the adapter was trained against), else the full-precision base."""
+        return self.quantized if self.quantized is not None else self.model
+
+
+def read_manifest(adapter_dir) -> dict:
+    """``lorakit.json`` of an adapter folder, or {} (a PEFT adapter has none)."""
+    import json
+    from pathlib import Path
+
+    from lorakit.lora.io import MANIFEST_NAME
+
+    file = Path(adapter_dir) / MANIFEST_NAME
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{file} is not valid JSON ({exc}); fix or delete it") from None
+
+
+def base_spec_for(adapter_dir, model: str | None = None) -> str:
+    """The base model to use: ``model`` when given, else the manifest's ``base_model``,
+    else ``base_model_name_or_path`` of ``adapter_config.json``.
+
+    Raises:
+        AdapterError: none of them names a model.
+    """
+    import json
+    from pathlib import Path
+
+    from lorakit.lora.io import CONFIG_NAME, read_adapter_config
+
+    if model:
+        return str(model)
+    read_adapter_config(adapter_dir)  # a clear error when it is no adapter folder at all
+    spec = read_manifest(adapter_dir).get("base_model")
+    if not spec:
+        spec = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get(
+            "base_model_name_or_path")
+    if not spec:
+        raise AdapterError(f"{adapter_dir} does not say which base model it was trained on "
+                           f"(no base_model in lorakit.json or adapter_config.json); pass "
+                           f"--model MODEL")
+    return str(spec)
+
+
+def load_adapted_base(adapter_dir, model: str | None = None, *,
+                      allow_base_mismatch: bool = False) -> AdaptedBase:
+    """Load the base (float32) and the adapter on it; for a QLoRA adapter also the 4-bit base
+    with the adapter, quantized with the settings in the manifest.
+
+    Raises:
+        AdapterError: not an adapter folder, no base named, or the adapter was trained on
+            another base (layer shapes differ; or the manifest's base-config hash differs,
+            unless ``allow_base_mismatch``).
+        ModelLoadError: the base cannot be loaded.
+    """
+    import warnings
+
+    from lorakit.lora.io import base_config_hash, load_adapter, read_adapter_config
+    from lorakit.models.load import load_model
+
+    config = read_adapter_config(adapter_dir)
+    manifest = read_manifest(adapter_dir)
+    spec = base_spec_for(adapter_dir, model)
+    base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu")
+    quant = manifest.get("quantization")
+    plain_base = copy.deepcopy(base) if quant else None  # quantized below, without adapters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the hash is checked below, as an error
+        load_adapter(base, adapter_dir, tokenizer=tokenizer)  # other shapes fail here
+    want, have = manifest.get("base_config_sha256"), base_config_hash(base)
+    if want and have and want != have and not allow_base_mismatch:
+        raise AdapterError(
+            f"adapter {adapter_dir} was trained on {manifest.get('base_model')!r}, whose config "
+            f"differs from {spec!r} (lorakit.json base_config_sha256); pass the model it was "
+            f"trained on with --model, or --force to export anyway")
+    quantized = None
+    if quant:
+        from lorakit.models.quantize import quantize_model
+
+        quantized = quantize_model(plain_base, quant_type=quant.get("type", "nf4"),
+                                   double_quant=quant.get("double_quant", True),
+                                   block_size=quant.get("block_size", 64),
+                                   compute_dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            load_adapter(quantized, adapter_dir, tokenizer=tokenizer)
+    return AdaptedBase(spec, base, quantized, tokenizer, config, manifest)
+
+
+def save_hf_folder(model: nn.Module, tokenizer, out, max_shard_size: str | int = "2GB") -> None:
+    """Write ``model`` + ``tokenizer`` as a standard Hugging Face folder: config.json,
+    model.safetensors (or shards + model.safetensors.index.json), generation_config.json,
+    tokenizer files and chat template."""
+    untie_if_diverged(model)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def prepare_output(out, overwrite: bool):
+    """The temporary folder to write into, next to ``out``.
+
+    Raises:
+        ExportError: ``out`` exists and ``overwrite`` is False.
+    """
+    import os
+    import uuid
+    from pathlib import Path
+
+    from lorakit.errors import ExportError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"output {out} already exists; choose another --out or pass "
+                          f"--overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(tmp, out) -> None:
+    """Move the finished ``tmp`` into place as ``out`` (replacing what was there)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    os.replace(tmp, out)
+
+
+def merge_to_folder(adapter_dir, out, model: str | None = None, *,
+                    dtype: torch.dtype = torch.float32, force: bool = False,
+                    overwrite: bool = False, prompts: list[str] | None = None,
+                    max_new_tokens: int = 16, max_shard_size: str | int = "2GB",
+                    console=None) -> dict:
+    """``lorakit merge``: fold an adapter folder into its base, write a standard HF folder and
+    gate it on parity with the adapter-on-base.
+
+    The folder is written under a temporary name, read back with plain transformers, and
+    compared (``lorakit.export.parity``) with the adapter over the float32 base and, for a
+    QLoRA adapter, over the 4-bit base too (the merge folds into the dequantized 4-bit
+    weights, so that row is the gate and the float32-base row is reported). Only when the gate
+    passes (or ``force``) is it renamed to ``out``; otherwise it is deleted.
+
+    Returns:
+        ``{"out", "base", "dtype", "qlora", "parity": {label: report}, "passed", "forced"}``.
+
+    Raises:
+        ExportError: ``out`` exists without ``overwrite``; parity worse than the thresholds.
+        AdapterError / ModelLoadError: as :func:`load_adapted_base`.
+    """
+    import shutil
+
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.errors import ExportError
+    from lorakit.export import parity
+
+    console = console or Console(stderr=True)
+    tmp = prepare_output(out, overwrite)
+    try:
+        with console.status("loading the base model and the adapter…"):
+            adapted = load_adapted_base(adapter_dir, model, allow_base_mismatch=force)
+        with console.status("merging…"):
+            merged = merge_adapter_into_base(adapted.merge_source, dtype=dtype)
+        with console.status(f"writing {out}…"):
+            save_hf_folder(merged, adapted.tokenizer, tmp, max_shard_size=max_shard_size)
+        del merged
+        with console.status("checking parity (reading the folder back with transformers)…"):
+            written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            ids = parity.encode_prompts(adapted.tokenizer, prompts)
+            rows = []
+            if adapted.quantized is not None:
+                rows.append(("adapter on 4-bit base", parity.compare(
+                    adapted.quantized, written, ids, max_new_tokens), True))
+                rows.append(("adapter on float32 base", parity.compare(
+                    adapted.model, written, ids, max_new_tokens), False))
+            else:
+                rows.append(("adapter on base", parity.compare(
+                    adapted.model, written, ids, max_new_tokens), True))
+        parity.print_table(rows, dtype, console)
+        bad = [f"{label}: {'; '.join(parity.failures(rep, dtype))}"
+               for label, rep, gated in rows if gated and parity.failures(rep, dtype)]
+        if bad and not force:
+            raise ExportError(f"parity gate failed ({' | '.join(bad)}); the merged model was "
+                              f"not written. Thresholds are in docs/export.md; pass --force to "
+                              f"keep it anyway")
+        if bad:
+            console.print("[yellow]parity gate failed; kept because of --force[/yellow]")
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), "base": adapted.spec, "dtype": parity.dtype_name(dtype),
+            "qlora": adapted.quantized is not None,
+            "parity": {label: rep for label, rep, _ in rows}, "passed": not bad,
+            "forced": bool(bad)}

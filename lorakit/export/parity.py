@@ -1,0 +1,152 @@
+"""The parity gate: does an exported model compute what the adapter on its base computes?
+
+On a fixed set of prompts (chat-templated when the tokenizer has a template), the reference
+model greedily decodes ``max_new_tokens`` tokens; both models are then run teacher-forced on
+prompt + that continuation and compared position by position (``merge.parity_report``), and
+the candidate decodes greedily on its own to see whether it writes the same tokens.
+
+Thresholds depend on the dtype the exported weights are stored in (rounding a weight to
+bf16 keeps 8 significant bits, fp16 11, so 16-bit exports cannot match to float32
+precision). The candidate always computes in float32, so what is measured is the merge and
+the rounding of the written weights, not the arithmetic of some runtime. Values are the
+measured numbers on SmolLM2-135M with a margin of about 10x (see docs/export.md):
+
+=========  ==================  =========  ================
+dtype      max |logit diff|    mean KL    argmax agreement
+=========  ==================  =========  ================
+float32    <= 1e-2             <= 1e-6    >= 0.99
+float16    (reported)          <= 1e-3    >= 0.97
+bfloat16   (reported)          <= 1e-2    >= 0.90
+=========  ==================  =========  ================
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a SQL query that returns the ten most recent orders.",
+    "Explain in one sentence what a low-rank adapter is.",
+    "List three colours of the rainbow.",
+]
+
+THRESHOLDS = {
+    "float32": {"max_abs_logit_diff": 1e-2, "mean_kl": 1e-6, "argmax_agreement": 0.99},
+    "float16": {"max_abs_logit_diff": None, "mean_kl": 1e-3, "argmax_agreement": 0.97},
+    "bfloat16": {"max_abs_logit_diff": None, "mean_kl": 1e-2, "argmax_agreement": 0.90},
+}
+
+
+def encode_prompts(tokenizer, prompts: list[str] | None = None) -> list[torch.Tensor]:
+    """Token ids (1, T) of each prompt: the chat template with a generation prompt when the
+    tokenizer has one, else the raw text with the tokenizer's special tokens."""
+    out = []
+    for prompt in prompts or DEFAULT_PROMPTS:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            from lorakit.errors import ExportError
+
+            raise ExportError(f"the tokenizer turns the parity prompt {prompt!r} into no tokens "
+                              f"at all; pass prompts it can encode with --prompts FILE")
+        out.append(torch.tensor([ids], dtype=torch.long))
+    return out
+
+
+@torch.no_grad()
+def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """``max_new_tokens`` greedy tokens after ``input_ids`` (1, T); no stop at EOS, so two
+    models are compared over the same number of steps. Recomputes the whole sequence each
+    step (no KV cache): a few dozen short forwards, and no dependence on cache APIs."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        tokens.append(int(nxt))
+        ids = torch.cat([ids, nxt], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def compare(reference, candidate, prompt_ids: list[torch.Tensor],
+            max_new_tokens: int = 16) -> dict:
+    """Parity of ``candidate`` against ``reference`` over several prompts.
+
+    Returns:
+        ``{"max_abs_logit_diff", "mean_kl", "argmax_agreement", "greedy_match",
+        "greedy_token_agreement", "positions", "prompts"}``: the first three over every
+        teacher-forced position (prompt + the reference's continuation); ``greedy_match`` the
+        fraction of prompts whose free-running greedy continuations are identical,
+        ``greedy_token_agreement`` the mean fraction of continuation tokens before the two
+        first differ.
+    """
+    from lorakit.export.merge import parity_report
+
+    max_abs, kl_sum, agree_sum, positions, matches, prefix = 0.0, 0.0, 0.0, 0, 0, 0.0
+    for ids in prompt_ids:
+        ref_tokens = greedy_tokens(reference, ids, max_new_tokens)
+        cand_tokens = greedy_tokens(candidate, ids, max_new_tokens)
+        full = torch.cat([ids, torch.tensor([ref_tokens])], dim=1)
+        report = parity_report(reference, candidate, full)
+        n = report["positions"]
+        max_abs = max(max_abs, report["max_abs_logit_diff"])
+        kl_sum += report["mean_kl"] * n
+        agree_sum += report["greedy_agreement"] * n
+        positions += n
+        matches += ref_tokens == cand_tokens
+        common = next((i for i, (a, b) in enumerate(zip(ref_tokens, cand_tokens)) if a != b),
+                      len(ref_tokens))
+        prefix += common / max(1, len(ref_tokens))
+    count = max(1, len(prompt_ids))
+    return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / max(1, positions),
+            "argmax_agreement": agree_sum / max(1, positions),
+            "greedy_match": matches / count, "greedy_token_agreement": prefix / count,
+            "positions": positions, "prompts": len(prompt_ids)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def failures(report: dict, dtype: torch.dtype) -> list[str]:
+    """The thresholds of ``dtype`` that ``report`` misses, as readable strings (empty: pass)."""
+    limits = THRESHOLDS[dtype_name(dtype)]
+    bad = []
+    for key in ("max_abs_logit_diff", "mean_kl"):
+        if limits[key] is not None and not report[key] <= limits[key]:  # NaN fails too
+            bad.append(f"{key} {report[key]:.3g} > {limits[key]:g}")
+    if not report["argmax_agreement"] >= limits["argmax_agreement"]:
+        bad.append(f"argmax_agreement {report['argmax_agreement']:.3f} < "
+                   f"{limits['argmax_agreement']:g}")
+    return bad
+
+
+def print_table(rows: list[tuple[str, dict, bool]], dtype: torch.dtype, console=None) -> None:
+    """Print one row per comparison: (label, report, gated?)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    limits = THRESHOLDS[dtype_name(dtype)]
+    table = Table(title=f"parity of the exported model ({dtype_name(dtype)} weights)",
+                  title_justify="left")
+    for col in ("compared with", "max |logit diff|", "mean KL (nats)", "argmax agree",
+                "greedy match", "greedy tokens", "result"):
+        table.add_column(col, justify="left" if col == "compared with" else "right")
+    for label, report, gated in rows:
+        bad = failures(report, dtype)
+        result = ("[red]FAIL[/red]" if bad else "[green]pass[/green]") if gated else "info"
+        table.add_row(label, f"{report['max_abs_logit_diff']:.2e}", f"{report['mean_kl']:.2e}",
+                      f"{report['argmax_agreement']:.3f}", f"{report['greedy_match']:.2f}",
+                      f"{report['greedy_token_agreement']:.3f}", result)
+    console = console or Console(stderr=True)
+    console.print(table)
+    shown = ", ".join(f"{k} {'<=' if k != 'argmax_agreement' else '>='} {v:g}"
+                      for k, v in limits.items() if v is not None)
+    console.print(f"thresholds for {dtype_name(dtype)}: {shown} ({report['prompts']} prompts, "
+                  f"{report['positions']} positions)", style="dim", highlight=False)
