@@ -329,11 +329,15 @@ def test_two_plus_two_resumed_steps_equal_four_and_metrics_are_complete(tiny_mod
     assert written.dpo.precompute_reference
 
 
-def test_sft_weight_adds_the_chosen_nll(tiny_model_dir, pairs_data, tmp_path):
-    cfg = _cfg(tiny_model_dir, pairs_data, tmp_path / "run", "train.max_steps=1",
-               "dpo.sft_weight=0.5")
-    result = dpo.train(cfg, **QUIET)
-    record = _records(result.run_dir)[0]
+def test_cli_runs_dpo_and_sft_weight_adds_the_chosen_nll(tiny_model_dir, pairs_data, tmp_path,
+                                                          capsys):
+    extra = ("train.max_steps=1", "dpo.sft_weight=0.5")
+    cfg = _cfg(tiny_model_dir, pairs_data, tmp_path / "run", *extra)
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["train", str(config), "--no-progress"]) == 0  # `lorakit train` dispatches here
+    assert "eval reward accuracy" in capsys.readouterr().out
+    record = _records(tmp_path / "run")[0]
     from lorakit.train.common import DataOrder, supervised_loss
 
     # step 1's pairs; the policy is still the base (B = 0), so its chosen NLL is the base's
