@@ -50,7 +50,7 @@ AUTO = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
 # lorakit's own settings, under the request's `lorakit` key (docs/service.md)
 LORAKIT_KEYS = {"lora_r": int, "lora_alpha": float, "lora_dropout": float, "quantization": str,
                 "max_steps": int, "max_length": int, "checkpoint_every": int, "eval": bool,
-                "eval_limit": int, "beta": float}
+                "eval_limit": int, "beta": float, "packing": bool}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

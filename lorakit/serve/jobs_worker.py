@@ -35,7 +35,7 @@ def build_config(job: dict, store) -> "RunConfig":  # noqa: F821
     r = opts.get("lora_r", 16)
     every = opts.get("checkpoint_every", 10)
     data = {"train": store.get_file(job["training_file"], None)["path"],
-            "max_length": opts.get("max_length", 1024)}
+            "max_length": opts.get("max_length", 1024), "packing": opts.get("packing", True)}
     train = {"epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
              "lr": BASE_LR * hp["learning_rate_multiplier"], "seed": job["seed"],
              "save_every": every, "keep_checkpoints": 3, "log_every": 1}

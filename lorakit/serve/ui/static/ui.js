@@ -42,6 +42,8 @@ function drawLoss(svg, series) {
     if (!s.points.length) return;
     const d = s.points.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ");
     svg.appendChild(svgEl("path", { d: d, fill: "none", stroke: s.color, "stroke-width": 2, class: "series" }));
+    s.points.forEach((p) => svg.appendChild(svgEl("circle", {
+      cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, fill: s.color, class: "point" })));
     const lab = svgEl("text", { x: W - 120, y: T + 12 + 14 * i, fill: s.color, "font-size": 12 });
     lab.textContent = s.label;
     svg.appendChild(lab);
