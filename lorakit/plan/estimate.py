@@ -494,7 +494,7 @@ def _add_time(result: Estimate, facts: dict, setups: list, *, method, seq_len, t
         result.notes.append("no known GPU setup of up to 8 cards fits this run")
         return
     hours = per_token * tokens / (count * card.bf16_tflops * 1e12 * mfu) / 3600
-    result.hours = round(hours, 4)
+    result.hours = round(hours, 6)
     result.time_gpu = f"{count}x {card.label}"
     result.cost_usd = round(hours * count * (price if price is not None else card.usd_per_hour), 2)
 

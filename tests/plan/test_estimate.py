@@ -140,7 +140,9 @@ def test_memory_accounting_follows_the_method_and_settings():
     longer = E.estimate("smollm2-135m", method="lora", seq_len=1024, precision="bf16")
     assert longer.memory_bytes["activations"] == pytest.approx(2 * lora.memory_bytes["activations"])
     ckpt = E.estimate("smollm2-135m", method="lora", grad_checkpointing=True, **base)
-    assert ckpt.memory_bytes["activations"] < lora.memory_bytes["activations"] / 3
+    head = 12 * 49152 * 512  # the output head's fp32 buffers stay (SmolLM2's vocabulary is large)
+    assert head < ckpt.memory_bytes["activations"]
+    assert ckpt.memory_bytes["activations"] - head < (lora.memory_bytes["activations"] - head) / 5
     parts = [v for k, v in lora.memory_bytes.items() if k != "total"]
     assert lora.memory_bytes["total"] == pytest.approx(sum(parts))
 
@@ -185,7 +187,7 @@ def test_bad_input_says_what_to_fix(tmp_path):
     with pytest.raises(ConfigError, match="llama3-8b") as err:
         E.estimate("llama-3-8b")
     assert all(name in str(err.value) for name in TABLE_PRESETS)
-    with pytest.raises(ConfigError, match=r"r=64 is larger than layer .*k_proj"):
+    with pytest.raises(ConfigError, match=r"r=64 is larger than layer .*q_proj .*choose r <= 16"):
         E.estimate("llama", config=_config("llama"), r=64, seq_len=32)
     with pytest.raises(ConfigError, match="matches no linear layer"):
         E.estimate("smollm2-135m", target_modules=["qproj"])
