@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.errors import LorakitError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `lorakit train run.yaml --no-progress train.lr=1e-4`: key=value overrides may follow options
+    if extra and isinstance(getattr(args, "items", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.items.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -124,6 +124,23 @@ class DpoSection(_Section):
         return self
 
 
+class EvalSection(_Section):
+    """What ``lorakit train`` reports when it finishes (see docs/eval.md).
+
+    With ``data.eval`` set and ``after_train`` on, a LoRA / QLoRA run ends with the
+    base-vs-tuned table of ``lorakit eval`` on the held-out file (the same model, adapters
+    off and on) and writes the report to ``RUN/eval/``.
+    """
+
+    after_train: bool = True
+    metric: str = "exact"  # any `lorakit eval --metric` name: exact, json, rouge-l, sql, python:...
+    sql_db: Optional[str] = None  # the SQLite file of the `sql` metric
+    limit: Optional[int] = Field(50, gt=0)  # held-out examples generated for (None = all)
+    max_new_tokens: int = Field(128, gt=0)
+    forgetting: bool = True  # KL / perplexity change on the bundled general-text probe
+    probe_limit: Optional[int] = Field(32, gt=0)
+
+
 class RunConfig(_Section):
     """Everything a training run needs. See ``examples/`` for complete files."""
 
@@ -138,6 +155,7 @@ class RunConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     # dpo: start from this (SFT) adapter folder; it is also the frozen reference
     init_adapter: Optional[str] = None
     output_dir: Optional[str] = None

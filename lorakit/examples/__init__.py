@@ -21,6 +21,8 @@ def example_config() -> dict:
                  "max_length": 256, "packing": True, "train_on": "all_assistant"},
         "train": {"epochs": 2, "batch_size": 8, "grad_accum": 1, "lr": 2.0e-4,
                   "scheduler": "cosine", "warmup": 0.03, "precision": "auto", "seed": 0},
+        "eval": {"metric": "sql", "sql_db": str(SQL_DIR / "shop.db"), "limit": 100,
+                 "max_new_tokens": 64, "probe_limit": 32},
         "output_dir": None,
     }
 

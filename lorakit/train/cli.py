@@ -92,7 +92,49 @@ def _train(args) -> int:
         return 130
     if launched_rank() == 0:
         _print_summary(result)
+        if cfg.eval.after_train:
+            eval_after_train(cfg, result)
     return 0
+
+
+def eval_after_train(cfg, result, log=None) -> dict | None:
+    """The base-vs-tuned table on ``data.eval`` (lorakit eval's), printed and written to RUN/eval.
+
+    Only for adapters (lora / qlora) with a held-out file of prompt + reference answers; the
+    base is the same loaded model with the adapter switched off. Returns the eval result.
+    """
+    import sys
+
+    from lorakit.eval.compare import compare, format_table
+    from lorakit.eval.report import write_report
+    from lorakit.lora.io import load_adapter
+    from lorakit.models.load import load_model
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if cfg.method not in ("lora", "qlora") or not cfg.data.eval:
+        return None
+    log(f"base vs tuned on {cfg.data.eval} (first {cfg.eval.limit or 'all'} examples, metric "
+        f"{cfg.eval.metric}; eval.after_train=false skips this)")
+    from lorakit.train import common
+
+    device = common.default_device()
+    precision = common.resolve_precision(cfg.train.precision, device)
+    kwargs = {}
+    if cfg.method == "qlora":  # scored on the 4-bit base it was trained on
+        q = cfg.quantization
+        kwargs = dict(quantization=q.type, double_quant=q.double_quant, compute_dtype=q.compute_dtype)
+    model, tokenizer = load_model(cfg.model, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(
+        precision, "float32"), device=device, device_map=cfg.device_map, **kwargs)
+    name = result.run_dir.name or "tuned"
+    load_adapter(model, result.adapter_dir, name=name, tokenizer=tokenizer)
+    outcome = compare(model, tokenizer, cfg.data.eval, adapters=[name], metrics=[cfg.eval.metric],
+                      max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
+                      sql_db=cfg.eval.sql_db, forgetting=cfg.eval.forgetting,
+                      probe_limit=cfg.eval.probe_limit, safety=False, log=log)
+    print(format_table(outcome))
+    paths = write_report(outcome, result.run_dir / "eval")
+    log(f"report: {paths.get('html', result.run_dir / 'eval')}")
+    return outcome
 
 
 def _print_summary(result) -> None:
