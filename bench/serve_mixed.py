@@ -5,7 +5,7 @@ Three ways to answer 8 concurrent requests, each generating exactly --tokens tok
 * mixed:  lorakit's engine, 8 requests on 8 different adapters (one batched forward per step);
 * single: lorakit's engine, 8 requests on one adapter (the best case for batching);
 * naive:  a PEFT model holding the same 8 adapters, ``set_adapter`` per request, one request
-          at a time with transformers' ``generate`` (what you write without a server).
+          at a time, greedy with a KV cache (what you write without a server).
 
 Targets (issue #9): mixed >= 0.7x single, mixed >= 3x naive. Also times hot-loading an r=16
 all-linear adapter into the running engine.
@@ -68,7 +68,10 @@ def engine_throughput(engine, prompts, adapters, tokens: int) -> dict:
     return {"tokens": generated, "seconds": round(wall, 2), "tokens_per_s": round(generated / wall, 1)}
 
 
-def naive_throughput(base, paths, prompts, tokens: int) -> dict:
+def naive_throughput(base, paths, prompts, tokens: int, use_generate: bool = False) -> dict:
+    """PEFT model with every adapter loaded; per request: set_adapter, then greedy decoding of
+    that one request with a KV cache (a plain forward loop; with ``use_generate``,
+    transformers' ``generate``, which measured much slower here, see docs/benchmarks.md)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="ad0")
@@ -81,9 +84,17 @@ def naive_throughput(base, paths, prompts, tokens: int) -> dict:
         for i, ids in enumerate(prompts):
             model.set_adapter(f"ad{i % len(paths)}")
             x = torch.tensor([ids])
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                 max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
-            generated += out.shape[1] - x.shape[1]
+            if use_generate:
+                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                     do_sample=False, max_new_tokens=tokens,
+                                     min_new_tokens=tokens, pad_token_id=0)
+                generated += out.shape[1] - x.shape[1]
+                continue
+            out = model(input_ids=x, use_cache=True)
+            for _ in range(tokens):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+                generated += 1
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
         wall = time.perf_counter() - start
     return {"tokens": generated, "seconds": round(wall, 2), "tokens_per_s": round(generated / wall, 1)}
 
@@ -94,6 +105,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--naive-generate", action="store_true",
+                        help="naive baseline with transformers' generate instead of a plain loop")
     args = parser.parse_args()
 
     from lorakit.models.load import load_model
@@ -114,11 +127,12 @@ def main() -> None:
         engine.add_adapter("hot", paths[-1])  # read + check + install while the engine runs
         hot_load = time.perf_counter() - start
         engine.stop()
-        naive = naive_throughput(base, paths[:-1], prompts, args.tokens)
+        naive = naive_throughput(base, paths[:-1], prompts, args.tokens, args.naive_generate)
     report = {
         "model": args.model, "device": str(next(base.parameters()).device),
         "torch_threads": torch.get_num_threads(), "requests": args.requests,
         "tokens_per_request": args.tokens, "adapter_rank": args.rank,
+        "naive_uses_generate": args.naive_generate,
         "mixed_8_adapters": mixed, "single_adapter": single, "naive_peft_sequential": naive,
         "mixed_vs_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 2),
         "mixed_vs_naive": round(mixed["tokens_per_s"] / naive["tokens_per_s"], 2),
