@@ -9,6 +9,7 @@ Measures what issue #7 asks:
     (``--memory``: two short runs, each in its own process).
 
     .venv/bin/python bench/dpo_json.py                 # train + generation comparison
+    .venv/bin/python bench/dpo_json.py --limit 16 train.max_steps=20 train.eval_every=10
     .venv/bin/python bench/dpo_json.py --memory        # precompute vs not, 12 steps each
 
 Writes bench/results/dpo_json.json (and dpo_memory.json).
@@ -54,13 +55,13 @@ def run_training(out: Path, overrides: list[str]) -> dict:
     return train(cfg, progress=False).summary
 
 
-def main_quality(overrides: list[str]) -> None:
+def main_quality(overrides: list[str], limit: int | None = None) -> None:
     import torch
 
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model
 
-    rows = [json.loads(l) for l in (DATA / "eval.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (DATA / "eval.jsonl").read_text().splitlines()][:limit]
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32)
     t0 = time.perf_counter()
     base_rate, base_answers = score_generations(model, tokenizer, rows)
@@ -76,7 +77,7 @@ def main_quality(overrides: list[str]) -> None:
     evals = [(r["step"], r["eval_rewards/accuracy"], r["eval_rewards/margin"]) for r in records
              if "eval_rewards/accuracy" in r]
     result = {
-        "overrides": overrides, "eval_pairs": len(rows),
+        "overrides": overrides, "generation_prompts": len(rows),
         "eval_reward_accuracy_by_step": evals,
         "final_eval_reward_accuracy": summary["final_eval_reward_accuracy"],
         "base_follows_format": base_rate, "tuned_follows_format": tuned_rate,
@@ -116,9 +117,11 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="greedy-generate for the first N held-out prompts only")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.memory:
         main_memory(args.steps)
     else:
-        main_quality(args.overrides)
+        main_quality(args.overrides, args.limit)
