@@ -40,6 +40,9 @@ def add_parsers(sub) -> None:
                    help="train in N processes on this machine (runs torchrun for you: one per "
                         "GPU, or gloo on CPU); train.batch_size is per process, "
                         "train.strategy=ddp|fsdp. See docs/distributed.md")
+    p.add_argument("--strict-memory", action="store_true",
+                   help="refuse to start when the memory estimate (lorakit estimate) exceeds "
+                        "the device's free memory; without it, a warning")
     p.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job: base vs LoRA-tuned SmolLM2 on text-to-SQL",
@@ -75,13 +78,25 @@ def _train(args) -> int:
     path, overrides = _split(args.items)
     if args.resume:
         overrides.append("resume=true")
-    cfg = load_config(path, overrides, base=None if path else example_config())
+    base = None
+    if not path:  # no config file: the bundled example, with the overrides on top
+        base = example_config()
+        keys = {o.split("=", 1)[0] for o in overrides}
+        if "data.train" in keys and "data.eval" not in keys:
+            # your own training file: the example's held-out SQL questions do not apply
+            base["data"]["eval"] = None
+            base.pop("eval", None)
+    cfg = load_config(path, overrides, base=base)
     if cfg.method == "dpo":
         from lorakit.errors import ConfigError
         from lorakit.train.dpo import train
 
         if args.nproc is not None and args.nproc > 1:
             raise ConfigError("method: dpo runs in one process; drop --nproc")
+    if launched_rank() == 0:
+        from lorakit.plan.preflight import preflight
+
+        preflight(cfg, strict=args.strict_memory, log=lambda m: print(m, file=sys.stderr))
     if args.nproc is not None:  # config checked above; now the same command in N processes
         from lorakit.train.distributed import launch
 
