@@ -110,6 +110,7 @@ class LoraLayer(nn.Module):
             if name in store:
                 del store[name]
         self.scaling.pop(name, None)
+        self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -208,11 +209,23 @@ class LoraLayer(nn.Module):
         return out.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter ``row_adapters[i]`` (None = base only)."""
+        """Row i of the batch gets adapter ``row_adapters[i]`` (None = base only).
+
+        Plain LoRA adapters (no DoRA, no active dropout) take the gathered path: every row's
+        ``scaling * A`` and ``B`` are gathered from stacks (ranks zero-padded to the largest),
+        so a batch costs two batched matmuls per layer however many adapters it mixes
+        (Punica's BGMV idea). DoRA or training-time dropout fall back to one pass per adapter.
+        """
         if len(self.row_adapters) != x.shape[0]:
             raise ValueError(f"mixed batch: {len(self.row_adapters)} adapter names for a batch of "
                              f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
-        for name in dict.fromkeys(self.row_adapters):
+        names = [n for n in dict.fromkeys(self.row_adapters) if n is not None and n in self.lora_A]
+        if not names:
+            return result
+        if not any(n in self.lora_magnitude_vector or (self.training and not isinstance(
+                self.lora_dropout[n], nn.Identity)) for n in names):
+            return self._gathered_forward(x, result, names)
+        for name in names:
             if name is None or name not in self.lora_A:
                 continue
             rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name],
@@ -220,6 +233,45 @@ class LoraLayer(nn.Module):
             delta = self._delta(name, x.index_select(0, rows), result.index_select(0, rows))
             result = result.index_add(0, rows, delta)
         return result
+
+    def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n+1, R, in)`` scaled A and ``(n+1, out, R)`` B stacks, slot 0 all zeros (no
+        adapter). Cached until an adapter's weights change (tensor ``_version``) or the set does."""
+        key = tuple((n, id(self.lora_A[n].weight), self.lora_A[n].weight._version,
+                     self.lora_B[n].weight._version, self.scaling[n]) for n in names)
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        rank = max(self.lora_A[n].out_features for n in names)
+        ref = self.lora_A[names[0]].weight
+        a = torch.zeros(len(names) + 1, rank, self.in_features, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(len(names) + 1, self.out_features, rank, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for slot, n in enumerate(names, start=1):
+                r = self.lora_A[n].out_features
+                a[slot, :r] = self.lora_A[n].weight * self.scaling[n]
+                b[slot, :, :r] = self.lora_B[n].weight
+        self._stack_cache = (key, a, b)
+        return a, b
+
+    def _gathered_forward(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names):
+            # training through a mixed batch: build the stacks inside autograd (no cache)
+            rank = max(self.lora_A[n].out_features for n in names)
+            pad = lambda w, dim: F.pad(w, (0, rank - w.shape[dim]) if dim == 1 else (0, 0, 0, rank - w.shape[0]))
+            zero_a = x.new_zeros(rank, self.in_features, dtype=self.lora_A[names[0]].weight.dtype)
+            a = torch.stack([zero_a] + [pad(self.lora_A[n].weight * self.scaling[n], 0) for n in names])
+            b = torch.stack([zero_a.new_zeros(self.out_features, rank)]
+                            + [pad(self.lora_B[n].weight, 1) for n in names])
+        else:
+            a, b = self._stacks(names)
+        slot = {n: i for i, n in enumerate(names, start=1)}
+        idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=x.device)
+        rows = x.shape[0]
+        xs = x.reshape(rows, -1, self.in_features).to(a.dtype)  # (B, T, in)
+        h = torch.bmm(xs, a.index_select(0, idx).transpose(1, 2))  # (B, T, R)
+        delta = torch.bmm(h, b.index_select(0, idx).transpose(1, 2))  # (B, T, out)
+        return result + delta.view(result.shape).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()

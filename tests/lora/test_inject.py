@@ -209,3 +209,39 @@ def test_copy_of_model_is_independent():
     randomize_adapter(twin)
     ids = sample_input_ids()
     assert not torch.allclose(model(ids).logits, twin(ids).logits)
+
+
+def test_mixed_batch_gathered_path_pads_ranks_and_sees_weight_updates():
+    """Adapters of different ranks share one gathered matmul (ranks zero-padded); the cached
+    stacks follow in-place weight changes (an optimizer step) and deleted adapters."""
+    model = make_tiny_model("llama").eval()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), name="small")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"), name="big")
+    randomize_adapter(model, "small", seed=1)
+    randomize_adapter(model, "big", seed=2)
+    ids = sample_input_ids(batch=3, length=7)
+    names = ["big", "small", None]
+
+    def check():
+        with torch.no_grad():
+            with lorakit.mixed_batch(model, names):
+                mixed = model(ids).logits
+            for row, name in enumerate(names):
+                if name is None:
+                    with lorakit.disable_adapters(model):
+                        alone = model(ids[row:row + 1]).logits
+                else:
+                    lorakit.set_adapter(model, name)
+                    alone = model(ids[row:row + 1]).logits
+                torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=1e-5)
+        return mixed
+
+    first = check()
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["small"].weight.mul_(3.0)
+    second = check()
+    assert not torch.allclose(first[1], second[1]) and torch.allclose(first[0], second[0])
+    lorakit.delete_adapter(model, "big")
+    names = ["small", None, "small"]
+    check()
