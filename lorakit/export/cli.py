@@ -216,15 +216,17 @@ def run_export_gguf_lora(args) -> int:
 
 def _print_findings(findings, title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    console = Console()
+    console = Console(soft_wrap=True)  # fixes stay copyable: no inserted line breaks
     style = {"error": "red", "warning": "yellow", "info": "dim"}
     if not findings:
         console.print(f"{title}: [green]no problems found[/green]")
     for f in findings:
         f = f if isinstance(f, dict) else f.__dict__
-        console.print(f"{title}: [{style[f['level']]}]{f['level']}[/] [{f['rule']}] "
-                      f"{f['message']}\n    fix: {f['fix']}", highlight=False)
+        console.print(f"{escape(title)}: [{style[f['level']]}]{f['level']}[/] "
+                      f"{escape('[' + f['rule'] + ']')} {escape(f['message'])}\n"
+                      f"    fix: {escape(f['fix'])}", highlight=False)
 
 
 def run_check_adapter(args) -> int:
