@@ -59,11 +59,11 @@ def test_merge_families_load_in_plain_transformers(tmp_path, capsys):
         adapter = make_adapter(tmp_path, base, name=f"adapter-{case}", qlora=qlora, **lora)
         out = tmp_path / f"merged-{case}"
         rc, result, err = _merge(capsys, "--adapter", adapter, "--out", out, "--prompts", prompts,
-                            "--max-shard-size", "50KB")
+                            "--max-shard-size", "50KB", "--max-new-tokens", "8")
         assert rc == 0 and result["passed"] and result["qlora"] == qlora, case
         gated = result["parity"]["adapter on 4-bit base" if qlora else "adapter on base"]
         assert gated["max_abs_logit_diff"] < 1e-4 and gated["greedy_match"] == 1.0, (case, gated)
-        assert gated["prompts"] == len(TINY_PROMPTS) and gated["positions"] > 60
+        assert gated["prompts"] == len(TINY_PROMPTS) and gated["positions"] > 40
         if qlora:  # the float32-base row is reported: the 4-bit rounding the adapter lived with
             assert result["parity"]["adapter on float32 base"]["max_abs_logit_diff"] > 1e-4
         names = {p.name for p in out.iterdir()}
