@@ -233,6 +233,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None when it has none yet."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def load_checkpoint(folder: Path, optimizer, scheduler) -> LoopState:
     """Restore optimizer, scheduler and RNG from ``folder``; weights are the caller's job."""
     state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")

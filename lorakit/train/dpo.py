@@ -389,7 +389,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     device = common.default_device()
     precision = common.resolve_precision(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
-    resume_from = common.list_checkpoints(run_dir)[-1] if cfg.resume else None
+    resume_from = common.last_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
     if not cfg.resume and (run_dir / "config.yaml").exists():

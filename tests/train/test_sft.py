@@ -94,6 +94,20 @@ def test_two_plus_two_resumed_steps_equal_four(tiny_model_dir, arithmetic_data, 
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # none duplicated by resume
 
 
+def test_resume_without_a_checkpoint_starts_from_scratch(tiny_model_dir, arithmetic_data,
+                                                         tmp_path):
+    """resume=true on a folder with no checkpoint yet (a first run killed before its first save,
+    or a first run started with resume=true) trains from step 0, like a fresh run."""
+    straight = train(_cfg(tiny_model_dir, arithmetic_data, tmp_path / "a", "train.max_steps=2"),
+                     progress=False, log=lambda m: None)
+    logs = []
+    cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "b", "train.max_steps=2", "resume=true")
+    fresh = train(cfg, progress=False, log=logs.append)
+    assert any("no checkpoint yet" in m for m in logs)
+    assert fresh.summary["steps"] == 2
+    assert _max_diff(_adapter(straight.run_dir), _adapter(fresh.run_dir)) <= 1e-6
+
+
 def _write_config(path, tiny_model_dir, data, out, *extra):
     cfg = _cfg(tiny_model_dir, data, out, *extra)
     path.write_text(cfg.to_yaml())
