@@ -3,8 +3,9 @@
 Measures what issue #7 asks:
   - held-out reward accuracy before (all rewards tie at 0 with a fresh adapter: chance is 0.5,
     strict TRL-style accuracy is 0) and after training;
-  - how often greedy answers to the held-out prompts are valid JSON equal to the stated
-    record, base vs tuned;
+  - how often greedy answers to the held-out prompts follow the preferred format (the whole
+    answer one valid JSON object with the requested keys), base vs tuned, and, stricter, how
+    often they also equal the stated record;
   - peak memory and time per step with and without ``dpo.precompute_reference``
     (``--memory``: two short runs, each in its own process).
 
@@ -30,21 +31,37 @@ DATA = ROOT / "lorakit" / "examples" / "json_pref"
 RESULTS = ROOT / "bench" / "results"
 
 
-def follows_format(answer: str, expected: dict) -> bool:
-    """The preferred behaviour: the answer is exactly a JSON object equal to the record."""
+def requested_keys(prompt: str) -> list[str]:
+    """The keys the prompt asks for ("... a JSON object with the keys name, age, city. ...")."""
+    return [k.strip() for k in prompt.split("with the keys ", 1)[1].split(".", 1)[0].split(",")]
+
+
+def follows_format(answer: str, prompt: str) -> bool:
+    """The behaviour the pairs prefer: the whole answer is one valid JSON object with exactly
+    the requested keys (chosen answers always are; rejected ones are prose or broken JSON)."""
+    try:
+        parsed = json.loads(answer.strip())
+    except (json.JSONDecodeError, ValueError):
+        return False
+    return isinstance(parsed, dict) and sorted(parsed) == sorted(requested_keys(prompt))
+
+
+def exact_record(answer: str, expected: dict) -> bool:
+    """Stricter, and not what the pairs teach: the object also holds the right values."""
     try:
         return json.loads(answer.strip()) == expected
     except (json.JSONDecodeError, ValueError):
         return False
 
 
-def score_generations(model, tokenizer, rows) -> tuple[float, list[str]]:
+def score_generations(model, tokenizer, rows) -> tuple[float, float, list[str]]:
     from lorakit.eval.generate import generate_batch
 
     answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=48,
                              batch_size=16)
-    ok = [follows_format(a, r["expected"]) for a, r in zip(answers, rows)]
-    return sum(ok) / len(ok), answers
+    fmt = [follows_format(a, r["prompt"]) for a, r in zip(answers, rows)]
+    exact = [exact_record(a, r["expected"]) for a, r in zip(answers, rows)]
+    return sum(fmt) / len(rows), sum(exact) / len(rows), answers
 
 
 def run_training(out: Path, overrides: list[str]) -> dict:
@@ -64,7 +81,7 @@ def main_quality(overrides: list[str], limit: int | None = None) -> None:
     rows = [json.loads(l) for l in (DATA / "eval.jsonl").read_text().splitlines()][:limit]
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32)
     t0 = time.perf_counter()
-    base_rate, base_answers = score_generations(model, tokenizer, rows)
+    base_rate, base_exact, base_answers = score_generations(model, tokenizer, rows)
     gen_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -73,7 +90,7 @@ def main_quality(overrides: list[str], limit: int | None = None) -> None:
         records = [json.loads(l) for l in (Path(tmp) / "run" / "metrics.jsonl").read_text()
                    .splitlines()]
         load_adapter(model, Path(tmp) / "run" / "adapter")
-    tuned_rate, tuned_answers = score_generations(model, tokenizer, rows)
+    tuned_rate, tuned_exact, tuned_answers = score_generations(model, tokenizer, rows)
     evals = [(r["step"], r["eval_rewards/accuracy"], r["eval_rewards/margin"]) for r in records
              if "eval_rewards/accuracy" in r]
     result = {
@@ -81,10 +98,11 @@ def main_quality(overrides: list[str], limit: int | None = None) -> None:
         "eval_reward_accuracy_by_step": evals,
         "final_eval_reward_accuracy": summary["final_eval_reward_accuracy"],
         "base_follows_format": base_rate, "tuned_follows_format": tuned_rate,
+        "base_exact_record": base_exact, "tuned_exact_record": tuned_exact,
         "train_seconds": round(train_s, 1), "generation_seconds_base": round(gen_s, 1),
         "steps": summary["steps"], "peak_memory_bytes": summary["peak_memory_bytes"],
         "examples": [{"prompt": r["prompt"], "base": b, "tuned": t}
-                     for r, b, t in list(zip(rows, base_answers, tuned_answers))[:5]],
+                     for r, b, t in zip(rows, base_answers, tuned_answers)],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dpo_json.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,8 +3,10 @@
 Each prompt states a small record in words and asks for it as a JSON object with given keys.
 The chosen answer is that object, compact and valid; the rejected one is the same content in a
 way that breaks the stated format (single quotes, unquoted keys, a missing brace, a trailing
-comma, or prose around it). So the preferred behaviour is checkable: ``json.loads`` the model's
-answer and compare it with the record.
+comma, or prose around it). So the preferred behaviour is checkable: the model's whole answer
+must ``json.loads`` to an object with the requested keys (bench/dpo_json.py also reports how
+often it equals the record, which these pairs do not teach: chosen and rejected hold the same
+content).
 
     python lorakit/examples/json_pref/build.py      # rewrites train.jsonl and eval.jsonl
 """
