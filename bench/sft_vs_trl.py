@@ -6,7 +6,9 @@ of the decoder, 2 epochs, batch 8, lr 2e-4, cosine with 3% warm-up, max_length 2
 float32 on CPU, no gradient checkpointing, seed 0. Both render the examples with the model's
 chat template and put the loss on the answer only.
 
-* lorakit: ``lorakit.train.sft.train`` with the bundled example config (packing on).
+* lorakit: ``lorakit.train.sft.train`` with the bundled example config (packing on), and
+  ``lorakit-unpacked`` (``data.packing=false``: one example per row, batch 8 examples, the
+  same steps as TRL's unpacked run).
 * TRL: ``SFTTrainer`` with ``peft_config=LoraConfig(...)`` on conversational prompt/completion
   data (``completion_only_loss``), run twice by default: ``packing=True`` (TRL's best-fit
   packing with position ids, the same rows-of-256 batches as lorakit) and ``packing=False``
@@ -24,9 +26,10 @@ dtype measured on this machine (a 2048^3 float32 ``torch.mm``, best of 10).
 
 Usage::
 
-    .venv/bin/python bench/sft_vs_trl.py                  # full run (~20-30 min on 2 cores)
+    .venv/bin/python bench/sft_vs_trl.py                  # all four sides (~35 min on 2 idle cores)
     .venv/bin/python bench/sft_vs_trl.py --epochs 0.25    # a quick look
     .venv/bin/python bench/sft_vs_trl.py --sides lorakit,trl-packed --json out.json
+    .venv/bin/python bench/sft_vs_trl.py --sides lorakit-unpacked,trl-unpacked
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 HP = {"r": 16, "alpha": 32, "dropout": 0.0, "batch_size": 8, "lr": 2e-4, "warmup": 0.03,
       "max_length": 256, "seed": 0}
-SIDES = ("lorakit", "trl-packed", "trl-unpacked")
+SIDES = ("lorakit", "trl-packed", "trl-unpacked", "lorakit-unpacked")
+# like for like: each TRL side is compared with the lorakit side that batches the same way
+COUNTERPART = {"trl-packed": "lorakit", "trl-unpacked": "lorakit-unpacked"}
 
 
 # ---------------------------------------------------------------------- shared measurement
@@ -108,14 +113,14 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------- the two workers
-def worker_lorakit(out: Path, epochs: float) -> dict:
+def worker_lorakit(out: Path, epochs: float, packing: bool = True) -> dict:
     from lorakit.config import load_config
     from lorakit.examples import example_config
     from lorakit.train.sft import train
 
     run_dir = out.parent / "lorakit-run"
-    cfg = load_config(None, [f"train.epochs={epochs}", f"output_dir={run_dir}"],
-                      base=example_config())
+    cfg = load_config(None, [f"train.epochs={epochs}", f"output_dir={run_dir}",
+                             f"data.packing={str(packing).lower()}"], base=example_config())
     t0 = time.perf_counter()
     result = train(cfg, progress=False, log=lambda m: None)
     setup_and_train = time.perf_counter() - t0
@@ -168,8 +173,8 @@ def worker_trl(out: Path, epochs: float, packing: bool) -> dict:
 
 def run_worker(side: str, out: Path, epochs: float) -> None:
     t0 = time.perf_counter()
-    if side == "lorakit":
-        record = worker_lorakit(out, epochs)
+    if side.startswith("lorakit"):
+        record = worker_lorakit(out, epochs, packing=side == "lorakit")
     else:
         record = worker_trl(out, epochs, packing=side == "trl-packed")
     record["process_s"] = time.perf_counter() - t0
@@ -242,12 +247,13 @@ def main() -> None:
               f"{r['supervised_tokens_per_s']:>10.0f}{r['tokens_per_s']:>8.0f}"
               f"{100 * r['mfu']:>6.1f}%{r['peak_rss_bytes'] / 2**30:>8.2f}Gi"
               f"{(r['final_train_loss'] or float('nan')):>11.4f}{r['eval_loss']:>10.4f}")
-    if "lorakit" in results:
-        ours = results["lorakit"]
-        for side, r in results.items():
-            if side == "lorakit":
-                continue
-            print(f"\nlorakit vs {side}: wall time {r['wall_s'] / ours['wall_s']:.2f}x faster, "
+    for side, r in results.items():
+        mine = COUNTERPART.get(side)
+        if mine not in results:
+            mine = "lorakit" if side.startswith("trl") and "lorakit" in results else None
+        if mine is not None:
+            ours = results[mine]
+            print(f"\n{mine} vs {side}: wall time {r['wall_s'] / ours['wall_s']:.2f}x faster, "
                   f"training loop {r['train_loop_s'] / ours['train_loop_s']:.2f}x faster, "
                   f"answer tokens/s {ours['supervised_tokens_per_s'] / r['supervised_tokens_per_s']:.2f}x, "
                   f"peak RSS {ours['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x, "
