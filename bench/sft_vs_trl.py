@@ -6,7 +6,7 @@ of the decoder, 2 epochs, batch 8, lr 2e-4, cosine with 3% warm-up, max_length 2
 float32 on CPU, no gradient checkpointing, seed 0. Both render the examples with the model's
 chat template and put the loss on the answer only.
 
-* lorakit: ``lorakit.train.sft.train`` with the bundled example config (packing on), and
+* lorakit: ``lorakit.train.sft.train`` with the bundled example config and ``data.packing=true``, and
   ``lorakit-unpacked`` (``data.packing=false``: one example per row, batch 8 examples, the
   same steps as TRL's unpacked run).
 * TRL: ``SFTTrainer`` with ``peft_config=LoraConfig(...)`` on conversational prompt/completion
