@@ -31,37 +31,31 @@ DATA = ROOT / "lorakit" / "examples" / "json_pref"
 RESULTS = ROOT / "bench" / "results"
 
 
-def requested_keys(prompt: str) -> list[str]:
-    """The keys the prompt asks for ("... a JSON object with the keys name, age, city. ...")."""
-    return [k.strip() for k in prompt.split("with the keys ", 1)[1].split(".", 1)[0].split(",")]
+def _parsed(answer: str):
+    try:
+        return json.loads(answer.strip())
+    except (json.JSONDecodeError, ValueError):
+        return None
 
 
-def follows_format(answer: str, prompt: str) -> bool:
+def follows_format(parsed, expected: dict) -> bool:
     """The behaviour the pairs prefer: the whole answer is one valid JSON object with exactly
-    the requested keys (chosen answers always are; rejected ones are prose or broken JSON)."""
-    try:
-        parsed = json.loads(answer.strip())
-    except (json.JSONDecodeError, ValueError):
-        return False
-    return isinstance(parsed, dict) and sorted(parsed) == sorted(requested_keys(prompt))
-
-
-def exact_record(answer: str, expected: dict) -> bool:
-    """Stricter, and not what the pairs teach: the object also holds the right values."""
-    try:
-        return json.loads(answer.strip()) == expected
-    except (json.JSONDecodeError, ValueError):
-        return False
+    the requested keys (the record's keys; chosen answers always are such an object, rejected
+    ones are prose or broken JSON)."""
+    return isinstance(parsed, dict) and parsed.keys() == expected.keys()
 
 
 def score_generations(model, tokenizer, rows) -> tuple[float, float, list[str]]:
+    """Share of answers that follow the format and, stricter (not what the pairs teach), share
+    that also equal the stated record."""
     from lorakit.eval.generate import generate_batch
 
     answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=48,
                              batch_size=16)
-    fmt = [follows_format(a, r["prompt"]) for a, r in zip(answers, rows)]
-    exact = [exact_record(a, r["expected"]) for a, r in zip(answers, rows)]
-    return sum(fmt) / len(rows), sum(exact) / len(rows), answers
+    parsed = [_parsed(a) for a in answers]
+    fmt = sum(follows_format(p, r["expected"]) for p, r in zip(parsed, rows))
+    exact = sum(p == r["expected"] for p, r in zip(parsed, rows))
+    return fmt / len(rows), exact / len(rows), answers
 
 
 def run_training(out: Path, overrides: list[str]) -> dict:

@@ -113,7 +113,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------- the two workers
-def worker_lorakit(out: Path, epochs: float, packing: bool = True) -> dict:
+def worker_lorakit(out: Path, epochs: float, packing: bool) -> dict:
     from lorakit.config import load_config
     from lorakit.examples import example_config
     from lorakit.train.sft import train
@@ -248,10 +248,9 @@ def main() -> None:
               f"{100 * r['mfu']:>6.1f}%{r['peak_rss_bytes'] / 2**30:>8.2f}Gi"
               f"{(r['final_train_loss'] or float('nan')):>11.4f}{r['eval_loss']:>10.4f}")
     for side, r in results.items():
-        mine = COUNTERPART.get(side)
-        if mine not in results:
-            mine = "lorakit" if side.startswith("trl") and "lorakit" in results else None
-        if mine is not None:
+        # its like-for-like lorakit side if that ran, else the packed lorakit side
+        mine = next((m for m in (COUNTERPART.get(side), "lorakit") if m in results), None)
+        if side in COUNTERPART and mine is not None:
             ours = results[mine]
             print(f"\n{mine} vs {side}: wall time {r['wall_s'] / ours['wall_s']:.2f}x faster, "
                   f"training loop {r['train_loop_s'] / ours['train_loop_s']:.2f}x faster, "

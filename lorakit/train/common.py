@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 IGNORE_INDEX = -100
 
@@ -239,6 +239,23 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(run_dir: Path, resume: bool, log) -> Path | None:
+    """The checkpoint a run continues from (None: start at step 0).
+
+    ``resume`` on a folder with no checkpoint yet starts from scratch (said in the log);
+    without ``resume``, a folder that already holds a run is refused, so nothing is overwritten.
+    """
+    if not resume:
+        if (Path(run_dir) / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, "
+                              f"or choose another output_dir")
+        return None
+    found = last_checkpoint(run_dir)
+    if found is None:
+        log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
+    return found
+
+
 def load_checkpoint(folder: Path, optimizer, scheduler) -> LoopState:
     """Restore optimizer, scheduler and RNG from ``folder``; weights are the caller's job."""
     state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
@@ -336,9 +353,9 @@ def check_finite(loss: float, step: int, run_dir: Path, lr: float) -> None:
     step's loss is not finite (call it before the optimizer step)."""
     if math.isfinite(loss):
         return
-    last = list_checkpoints(run_dir)
+    last = last_checkpoint(run_dir)
     raise TrainingError(f"loss became {loss} at step {step}; training stopped. "
-                        + (f"The last good checkpoint is {last[-1]}. " if last else "")
+                        + (f"The last good checkpoint is {last}. " if last else "")
                         + f"Lower train.lr (now {lr}) or check the data.")
 
 

@@ -389,12 +389,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     device = common.default_device()
     precision = common.resolve_precision(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
-    resume_from = common.last_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
-    if not cfg.resume and (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, or "
-                          f"choose another output_dir")
+    resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)
 
     # 1-2. model, reference and data, before anything is written

@@ -15,6 +15,7 @@ is visible here.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -179,12 +180,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     device = dist.device
     precision = common.resolve_precision(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
-    resume_from = common.last_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
-    if not cfg.resume and (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, or "
-                          f"choose another output_dir")
+    resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)
 
     # 1-2. model and data, before anything is written: bad input leaves no half-written run
@@ -284,13 +280,9 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
                         (loss_sum * dist.world_size / max(n_sup, 1)).backward()
                     step_loss += float(loss_sum.detach())
                 loss = dist.all_sum([step_loss])[0] / max(n_sup, 1)  # every process sees a NaN
-                if not torch.isfinite(torch.tensor(loss)):
+                if not math.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
-                    last = common.list_checkpoints(run_dir)
-                    raise TrainingError(
-                        f"loss became {loss} at step {loop.step + 1}; training stopped. "
-                        + (f"The last good checkpoint is {last[-1]}. " if last else "")
-                        + f"Lower train.lr (now {cfg.train.lr}) or check the data.")
+                    common.check_finite(loss, loop.step + 1, run_dir, cfg.train.lr)
                 grad_norm = None
                 if cfg.train.max_grad_norm:
                     grad_norm = dist.clip_grad_norm(model, cfg.train.max_grad_norm)
