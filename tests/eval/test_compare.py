@@ -110,8 +110,17 @@ def test_forgetting_kl_matches_peft_reference(eval_base_dir, eval_adapters):
         n += len(ids) - 1
     assert ours["tokens"] == n
     assert ours["kl"] == pytest.approx(kl_sum / n, rel=1e-3)
-    assert ours["ppl_tuned"] - ours["ppl_base"] == pytest.approx(
-        math.exp(nll_t / n) - math.exp(nll_b / n), rel=1e-3, abs=1e-3)
+    # A random tiny model's perplexity is about its vocabulary size (~49,000), and the
+    # adapter moves it by tens to hundreds: the delta is a small difference of two large
+    # numbers. lorakit batches the probe (padded rows, attention mask) while this reference
+    # runs one unpadded row at a time; the two kernel paths round differently. Measured on
+    # this test's model: batch 8 vs batch 1 differ by 4.8e-7 (base) and 1.1e-6 (tuned)
+    # relative in perplexity, i.e. ~0.08 absolute in the delta. Each perplexity is compared at
+    # rel 1e-5 (about 10x that spread) and the delta at the absolute error that implies.
+    ppl_b, ppl_t = math.exp(nll_b / n), math.exp(nll_t / n)
+    assert ours["ppl_base"] == pytest.approx(ppl_b, rel=1e-5)
+    assert ours["ppl_tuned"] == pytest.approx(ppl_t, rel=1e-5)
+    assert ours["ppl_tuned"] - ours["ppl_base"] == pytest.approx(ppl_t - ppl_b, abs=1e-5 * (ppl_b + ppl_t))
 
 
 def test_score_human_from_filled_sheet(run, capsys):
