@@ -79,6 +79,38 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_messages(prompt: str | Sequence[dict], system: str | None = None) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user turn (after ``system``, if any);
+    a message list is taken as it is."""
+    if isinstance(prompt, str):
+        head = [{"role": "system", "content": system}] if system is not None else []
+        return head + [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def prompt_text(tokenizer, prompt: str | Sequence[dict], system: str | None = None) -> str:
+    """The text a model is asked to continue: ``prompt`` (a string or chat messages) through
+    the chat template with the generation prompt when the tokenizer has one; without a
+    template, the plain text (messages' contents, and ``system``, joined by blank lines)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(prompt_messages(prompt, system), tokenize=False,
+                                             add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt if system is None else f"{system}\n\n{prompt}"
+    return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+def prompt_ids(tokenizer, prompt: str | Sequence[dict], system: str | None = None) -> list[int]:
+    """Token ids of :func:`prompt_text`: the rendered template is tokenized without adding
+    special tokens (the template wrote them); plain text gets the tokenizer's own (BOS)."""
+    text = prompt_text(tokenizer, prompt, system)
+    special = not has_chat_template(tokenizer)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 # ---------------------------------------------------------------- rendering
 
 
