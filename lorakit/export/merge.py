@@ -21,15 +21,11 @@ import copy
 import torch
 from torch import nn
 
+from lorakit.models.modules import replace_module
+
 from lorakit.errors import AdapterError
 from lorakit.lora.inject import _adapters, lora_layers
 from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
 
 
 @torch.no_grad()
@@ -79,14 +75,14 @@ def merge_adapter_into_base(model: nn.Module, name: str = "default",
                            f"{', '.join(adapters) or 'none'}")
     merged = copy.deepcopy(model)  # 4-bit layers copy as codes; dense copies are dropped below
     for path, layer in list(lora_layers(merged)):
-        _replace(merged, path, _merged_layer(layer, name, dtype))
+        replace_module(merged, path, _merged_layer(layer, name, dtype))
     for path, wrapper in [(p, m) for p, m in merged.named_modules()
                           if isinstance(m, ModulesToSaveWrapper)]:
         chosen = wrapper.modules_to_save[name] if name in wrapper.modules_to_save \
             else wrapper.original_module
-        _replace(merged, path, chosen)
+        replace_module(merged, path, chosen)
     for path in [p for p, m in merged.named_modules() if is_4bit(m)]:
-        _replace(merged, path, dequantized_copy(merged.get_submodule(path), dtype))
+        replace_module(merged, path, dequantized_copy(merged.get_submodule(path), dtype))
     for attr in ("lorakit_adapters", "lorakit_active_adapter"):
         merged.__dict__.pop(attr, None)
     merged.lorakit_quantization = None

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from lorakit.models.modules import replace_module
+
 from lorakit.errors import AdapterError, did_you_mean
 from lorakit.lora.config import ALL_LINEAR, LoraConfig
 from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper, is_linear_like, linear_features
@@ -107,12 +109,6 @@ def _wrappers(model: nn.Module) -> Iterator[ModulesToSaveWrapper]:
     return (m for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 # ---------------------------------------------------------------------- add / set / delete
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 targets: Sequence[str] | None = None, ranks: dict[str, int] | None = None,
@@ -146,7 +142,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             if not is_linear_like(module):
                 raise AdapterError(f"cannot adapt {path}: {type(module).__name__} is not a linear layer")
             module = LoraLayer(module)
-            _replace(model, path, module)
+            replace_module(model, path, module)
         r = (ranks or {}).get(path) or config.rank_for(path)
         module.add_adapter(name, r=r, scaling=config.scaling_for(path, r), dropout=config.lora_dropout,
                            use_dora=config.use_dora, dtype=dtype)
@@ -158,7 +154,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             module = model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
-                _replace(model, path, module)
+                replace_module(model, path, module)
             module.add_adapter(name)
     adapters[name] = config
     set_adapter(model, name)
@@ -203,12 +199,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, layer in list(lora_layers(model)):
         layer.delete_adapter(name)
         if not layer.lora_A:
-            _replace(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     for path, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             module.delete_adapter(name)
             if not module.modules_to_save:
-                _replace(model, path, module.original_module)
+                replace_module(model, path, module.original_module)
     del adapters[name]
     if getattr(model, "lorakit_active_adapter", None) == name:
         model.lorakit_active_adapter = None

@@ -32,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (a linear layer with a transposed weight)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+from lorakit.models.modules import is_conv1d
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -26,6 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lorakit.models.modules import is_conv1d, replace_module
+
 from lorakit.errors import ConfigError, ModelLoadError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -127,10 +129,6 @@ def is_4bit(module: nn.Module) -> bool:
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def quantizable_layers(model: nn.Module, skip_modules: Iterable[str] | None = None
                        ) -> list[tuple[str, nn.Module]]:
     """(path, layer) of the dense linear layers :func:`quantize_model` would replace: every
@@ -140,7 +138,7 @@ def quantizable_layers(model: nn.Module, skip_modules: Iterable[str] | None = No
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = []
     for path, module in model.named_modules():
-        if module is head or not (type(module) is nn.Linear or _is_conv1d(module)):
+        if module is head or not (type(module) is nn.Linear or is_conv1d(module)):
             continue
         if not _BLOCK_PATH.search(path):
             continue
@@ -156,7 +154,7 @@ def _unquantizable_reason(path: str, module: nn.Module, block_size: int) -> str 
         return f"{path}: its weight is on the meta device (not loaded)"
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{path}: weight dtype {weight.dtype} (bitsandbytes quantizes float16/bfloat16/float32)"
-    in_features = weight.shape[0] if _is_conv1d(module) else weight.shape[1]
+    in_features = weight.shape[0] if is_conv1d(module) else weight.shape[1]
     if weight.device.type == "cpu" and in_features % block_size and in_features % 2 == 0:
         # bitsandbytes' native CPU dequantize kernel (0.49-0.50) indexes absmax per row, so a
         # block spanning two rows is dequantized with the wrong constant (measured: 0.37
@@ -178,7 +176,7 @@ def linear4bit_from_dense(module: nn.Module, quant_type: str = "nf4", double_qua
     (out, in) weight with these settings. The dense weight is not kept.
     """
     bnb = import_bitsandbytes()
-    conv1d = _is_conv1d(module)
+    conv1d = is_conv1d(module)
     weight = module.weight.detach()
     dense = weight.t() if conv1d else weight  # (out, in)
     out_features, in_features = dense.shape
@@ -203,12 +201,6 @@ def linear4bit_from_dense(module: nn.Module, quant_type: str = "nf4", double_qua
     layer.lorakit_conv1d = conv1d
     layer.train(module.training)
     return layer
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
 
 
 @torch.no_grad()
@@ -264,7 +256,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     compute = _resolve_compute_dtype(compute_dtype, device)
     while layers:  # pop, so each dense layer is freed as soon as its 4-bit copy replaces it
         path, module = layers.pop(0)
-        _replace(model, path, linear4bit_from_dense(module, quant_type, double_quant, compute,
+        replace_module(model, path, linear4bit_from_dense(module, quant_type, double_quant, compute,
                                                     block_size))
         del module
     _unshare_from_checkpoint(model)
@@ -345,7 +337,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """Replace every 4-bit layer of ``model`` (in place) with its dense dequantized copy, so the
     model computes what the 4-bit model computes, at 16/32-bit. Returns ``model``."""
     for path in [p for p, m in model.named_modules() if is_4bit(m)]:
-        _replace(model, path, dequantized_copy(model.get_submodule(path), dtype))
+        replace_module(model, path, dequantized_copy(model.get_submodule(path), dtype))
     model.lorakit_quantization = None
     return model
 

@@ -1,0 +1,17 @@
+"""Small helpers on ``nn.Module`` trees that models/, lora/ and export/ all use."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (a linear layer with a transposed weight)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``path`` inside ``model`` (``"model.layers.0.mlp.up_proj"``)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
