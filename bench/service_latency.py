@@ -32,11 +32,11 @@ def main() -> None:
     import numpy as np
     import openai
 
+    from lorakit.jobs.api import create_service_app
+    from lorakit.jobs.manager import JobManager
     from lorakit.models.load import load_model
     from lorakit.serve.api import ServerThread
     from lorakit.serve.engine import Engine
-    from lorakit.serve.jobs import JobManager
-    from lorakit.serve.jobs_api import create_service_app
 
     data = Path(__file__).resolve().parent.parent / "lorakit" / "examples" / "sql" / "train.jsonl"
     state = Path(tempfile.mkdtemp(prefix="lorakit-service-bench-"))

@@ -8,7 +8,6 @@ longer than copying a few small tensors.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
+from lorakit.lora.io import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lorakit.json")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME)
 
 
 def resolve_under_root(root: str | os.PathLike | None, path: str | os.PathLike) -> Path:
@@ -70,11 +70,11 @@ class PreparedAdapter:
 def base_signature(model: nn.Module) -> dict:
     """A snapshot of what an adapter must match, taken once before serving starts, so adapter
     checks on other threads never walk the live model: base linear shapes and config hash."""
-    from lorakit.lora.inject import _linear_modules
+    from lorakit.lora.inject import linear_modules
     from lorakit.lora.io import base_config_hash
     from lorakit.lora.layers import linear_features
 
-    shapes = {path: linear_features(module) for path, module in _linear_modules(model)}
+    shapes = {path: linear_features(module) for path, module in linear_modules(model)}
     return {"shapes": shapes, "config_sha256": base_config_hash(model),
             "spec": getattr(model, "lorakit_spec", None)}
 
@@ -87,48 +87,21 @@ def prepare(path: Path, signature: dict) -> PreparedAdapter:
             differ, or the lorakit manifest records a different base config); an adapter that
             cannot vary per batch row (``modules_to_save`` or trained biases).
     """
-    from lorakit.lora.io import _split_keys, read_adapter_config, read_adapter_weights
+    from lorakit.lora.io import read_adapter_folder, split_keys
 
-    config = read_adapter_config(path)
-    manifest_file = path / "lorakit.json"
-    if manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-        want, have = manifest.get("base_config_sha256"), signature.get("config_sha256")
-        if want and have and want != have:
-            raise AdapterError(
-                f"adapter {path} was trained on base {manifest.get('base_model')!r}, whose config "
-                f"differs from the served base {signature.get('spec')!r} (base_config_sha256 "
-                f"{want[:12]} != {have[:12]}); serve it with its own base model")
+    folder = read_adapter_folder(path)
+    config = folder.config
+    served = f"the served base {signature.get('spec')!r}"
+    folder.check_base(signature.get("config_sha256"), against=served,
+                      fix="serve it with its own base model")
     if config.modules_to_save:
         raise AdapterError(f"adapter {path} has modules_to_save {config.modules_to_save}: whole "
                            f"modules cannot differ per batch row; merge it and serve it alone")
-    layers, other = _split_keys(read_adapter_weights(path))
+    layers, other = split_keys(folder.tensors())
     if other:
         raise AdapterError(f"adapter {path} also stores {sorted(other)[:3]} (trained biases or full "
                            f"modules), which cannot differ per batch row; serve it merged")
-    if not layers:
-        raise AdapterError(f"adapter {path} holds no lora_A/lora_B weights")
-    shapes = signature["shapes"]
-    for module_path, tensors in layers.items():
-        if module_path not in shapes:
-            raise AdapterError(f"adapter {path} has weights for layer {module_path}, which the "
-                               f"served base {signature.get('spec')!r} does not have: it was "
-                               f"trained on another architecture")
-        if "A" not in tensors or "B" not in tensors:
-            raise AdapterError(f"adapter {path}: layer {module_path} lacks lora_A or lora_B")
-        in_f, out_f = shapes[module_path]
-        a, b = tensors["A"].shape, tensors["B"].shape
-        if a[1] != in_f or b[0] != out_f or a[0] != b[1]:
-            raise AdapterError(
-                f"adapter {path} was trained on another base: layer {module_path} has lora_A "
-                f"{tuple(a)} and lora_B {tuple(b)}, but the served base's layer maps "
-                f"{in_f} -> {out_f} features")
-    if config.use_dora != any("m" in t for t in layers.values()):
-        raise AdapterError(f"adapter {path}: use_dora={config.use_dora} disagrees with its weights")
-    ranks = {p: t["A"].shape[0] for p, t in layers.items()}
+    ranks = folder.check_layers(layers, signature["shapes"], base=served)
     return PreparedAdapter(path=path, config=config, tensors=layers, ranks=ranks)
 
 
@@ -136,15 +109,11 @@ def prepare(path: Path, signature: dict) -> PreparedAdapter:
 def install(model: nn.Module, name: str, prepared: PreparedAdapter, dtype: torch.dtype) -> None:
     """Add a prepared adapter to ``model`` as ``name`` (call only between forwards)."""
     from lorakit.lora.inject import add_adapter
+    from lorakit.lora.io import copy_lora_weights
 
-    order = [p for p in prepared.targets]
-    add_adapter(model, prepared.config, name, targets=order, ranks=prepared.ranks, dtype=dtype)
-    for module_path, tensors in prepared.tensors.items():
-        layer = model.get_submodule(module_path)
-        layer.lora_A[name].weight.copy_(tensors["A"])
-        layer.lora_B[name].weight.copy_(tensors["B"])
-        if "m" in tensors:
-            layer.lora_magnitude_vector[name].copy_(tensors["m"].reshape(-1))
+    add_adapter(model, prepared.config, name, targets=prepared.targets, ranks=prepared.ranks,
+                dtype=dtype)
+    copy_lora_weights(model, name, prepared.tensors)
     for param in model.parameters():  # serving: nothing trains
         param.requires_grad_(False)
 

@@ -52,6 +52,9 @@ def add_parsers(subparsers) -> None:
     serve.add_argument("--api-key", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
                             "LORAKIT_API_KEY environment variable; none = open)")
+    serve.add_argument("--keys-file", metavar="FILE",
+                       help="API keys with owners ('KEY OWNER' per line, or a JSON object); "
+                            "each owner sees only its own files, jobs and fine-tuned models")
     serve.add_argument("--max-loaded-adapters", type=int, default=8, metavar="N",
                        help="adapters kept in memory at once; least recently used ones are "
                             "evicted and reloaded on demand (default: 8)")
@@ -68,18 +71,6 @@ def add_parsers(subparsers) -> None:
                        help="also log prompt and completion texts (needed for token drift)")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                        help="base model dtype (default: bfloat16 on a capable GPU, else float32)")
-    jobs = serve.add_argument_group(
-        "fine-tuning service", "OpenAI's files + fine-tuning jobs API and the web UI at /ui "
-                               "(docs/service.md)")
-    jobs.add_argument("--state-dir", metavar="DIR",
-                      help="enable fine-tuning jobs: uploaded files, job state (SQLite), run "
-                           "folders and fine-tuned adapters live here; a restarted server "
-                           "resumes interrupted jobs and serves finished ones")
-    jobs.add_argument("--max-concurrent-jobs", type=int, default=1, metavar="N",
-                      help="jobs trained at once, each in its own worker process (default: 1)")
-    jobs.add_argument("--keys-file", metavar="FILE",
-                      help="API keys with owners ('KEY OWNER' per line, or a JSON object); "
-                           "each owner sees only its own files, jobs and fine-tuned models")
     serve.set_defaults(func=run_serve)
 
     monitor = subparsers.add_parser(
@@ -114,13 +105,21 @@ def add_parsers(subparsers) -> None:
     monitor.set_defaults(func=lambda args: (monitor.print_help(), 1)[1])
 
 
-def run_serve(args) -> int:
-    """``lorakit serve``: load the base, register adapters, run uvicorn in the foreground."""
+def run_serve(args, extend=None) -> int:
+    """``lorakit serve``: load the base, register adapters, run uvicorn in the foreground.
+
+    Args:
+        args: the parsed ``serve`` options.
+        extend: ``extend(args, engine, app) -> stop | None``, what another package adds to the
+            app before it serves (``lorakit.jobs.cli`` adds the fine-tuning service this way);
+            ``stop()`` runs when the server exits, before the engine stops.
+    """
     import uvicorn
 
     from lorakit.errors import ConfigError
     from lorakit.models.load import load_model
-    from lorakit.serve.api import check_api_key_source, create_app
+    from lorakit.serve.api import create_app
+    from lorakit.serve.auth import api_key_from_env, load_keys
     from lorakit.serve.engine import Engine
     from lorakit.serve.monitor import RequestLog
 
@@ -139,35 +138,17 @@ def run_serve(args) -> int:
         engine.add_adapter(name, path, wait=len(engine.resident_adapters()) < args.max_loaded_adapters)
     log = None if args.log == "none" else RequestLog(args.log, log_text=args.log_text,
                                                      base_model=getattr(model, "lorakit_spec", None))
-    api_key = check_api_key_source(args.api_key)
-    api_keys = None
-    if args.keys_file:
-        from lorakit.serve.jobs import load_keys
-
-        api_keys = load_keys(args.keys_file)
-    manager = None
-    if args.state_dir:
-        from pathlib import Path
-
-        from lorakit.serve.jobs import JobManager
-        from lorakit.serve.jobs_api import create_service_app
-
-        spec = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-        manager = JobManager(args.state_dir, engine, base_model=spec, base_name=base_name,
-                             max_concurrent=args.max_concurrent_jobs)
-        app = create_service_app(engine, manager, api_key=api_key, api_keys=api_keys,
-                                 request_log=log)
-        print(f"lorakit serve: fine-tuning jobs in {args.state_dir}, web UI at "
-              f"http://{args.host}:{args.port}/ui", flush=True)
-    else:
-        app = create_app(engine, api_key=api_key, api_keys=api_keys, request_log=log)
+    api_key = api_key_from_env(args.api_key)
+    api_keys = load_keys(args.keys_file) if args.keys_file else None
+    app = create_app(engine, api_key=api_key, api_keys=api_keys, request_log=log)
+    stop = extend(args, engine, app) if extend is not None else None
     print(f"lorakit serve: {base_name} + {len(names)} adapter(s) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key or api_keys else ''}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
-        if manager is not None:
-            manager.stop()  # workers checkpoint; their jobs resume on the next start
+        if stop is not None:
+            stop()
         engine.stop()
     return 0
 

@@ -391,8 +391,9 @@ class Engine:
                         "finish_reason": value, "prompt_tokens": len(req.prompt_ids),
                         "completion_tokens": len(req.output_ids)}
 
-    def load(self) -> dict:
-        """Running / waiting request counts (for /health and /metrics)."""
+    def occupancy(self) -> dict:
+        """How full the engine is: requests running in the batch, requests waiting, adapters
+        resident in memory (for /health and /metrics)."""
         with self._lock:
             return {"running": len(self._rows), "waiting": len(self._waiting),
                     "resident_adapters": len(self._resident)}

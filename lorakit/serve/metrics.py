@@ -33,9 +33,9 @@ class ServeMetrics:
         waiting = Gauge("lorakit_requests_waiting", "Requests queued", registry=self.registry)
         resident = Gauge("lorakit_adapters_resident", "Adapters loaded in memory",
                          registry=self.registry)
-        running.set_function(lambda: engine.load()["running"])
-        waiting.set_function(lambda: engine.load()["waiting"])
-        resident.set_function(lambda: engine.load()["resident_adapters"])
+        running.set_function(lambda: engine.occupancy()["running"])
+        waiting.set_function(lambda: engine.occupancy()["waiting"])
+        resident.set_function(lambda: engine.occupancy()["resident_adapters"])
 
     def observe(self, model: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0,
                 latency: float | None = None, ttft: float | None = None) -> None:

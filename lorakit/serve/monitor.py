@@ -2,7 +2,8 @@
 
 Every request the server answers becomes one row: time, model/adapter, prompt and completion
 token counts, latency, HTTP status, finish reason; prompt and completion texts only when the
-server runs with ``--log-text``. ``lorakit monitor drift`` reads this log (see ``drift.py``).
+server runs with ``--log-text``. ``lorakit monitor drift`` reads this log and compares its
+prompts with the training data (:func:`drift`, below).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from lorakit.data.tokenize import prompt_ids
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -145,13 +148,11 @@ def js_divergence(p_counts: dict, q_counts: dict) -> float:
 
 
 def _render_prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt as the server sees it: messages through the chat template."""
-    if isinstance(prompt, list):
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        prompt = "\n".join(m.get("content", "") for m in prompt)
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    """Token ids of a prompt as the server sees it: chat messages through the chat template
+    (as ``/v1/chat/completions`` renders them), a text as ``/v1/completions`` tokenizes it."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return prompt_ids(tokenizer, prompt)
 
 
 def _logged_prompt(text: str | None):

@@ -17,11 +17,11 @@ ALICE, BOB = "sk-alice", "sk-bob"
 
 @pytest.fixture(scope="module")
 def service(serve_env, tmp_path_factory):
+    from lorakit.jobs.api import create_service_app
+    from lorakit.jobs.manager import JobManager
     from lorakit.models.load import load_model
     from lorakit.serve.api import ServerThread
     from lorakit.serve.engine import Engine
-    from lorakit.serve.jobs import JobManager
-    from lorakit.serve.jobs_api import create_service_app
 
     state = tmp_path_factory.mktemp("jobs-state")
     model, tokenizer = load_model(serve_env["base_dir"])

@@ -1,6 +1,6 @@
-"""The training process of one fine-tuning job: ``python -m lorakit.serve.jobs_worker STATE JOB``.
+"""The training process of one fine-tuning job: ``python -m lorakit.jobs.worker STATE JOB``.
 
-Started by :class:`lorakit.serve.jobs.JobManager`; never by hand. It builds a run config from
+Started by :class:`lorakit.jobs.manager.JobManager`; never by hand. It builds a run config from
 the job row, runs the recipe in its run folder with ``resume=true`` (so a job interrupted by a
 crash continues from its last checkpoint), optionally evaluates the adapter on the validation
 file, and writes ``result.json`` (``succeeded`` / ``interrupted`` / ``failed``) for the manager.
@@ -28,7 +28,7 @@ _STEPS = re.compile(r", (\d+) steps, ")
 def build_config(job: dict, store) -> "RunConfig":  # noqa: F821
     """The recipe's run config for ``job`` (its run folder, data files, hyperparameters)."""
     from lorakit.config import load_config
-    from lorakit.serve.jobs import BASE_LR
+    from lorakit.jobs.protocol import BASE_LR
 
     hp, opts = json.loads(job["hyperparameters"]), json.loads(job["lorakit"])
     method = json.loads(job["method"])
@@ -89,8 +89,8 @@ def evaluate(job: dict, store, adapter_dir: Path, run_dir: Path, log) -> Path | 
     """Base vs fine-tuned on the validation file -> ``eval/report.html`` (best effort)."""
     from lorakit.eval.compare import compare
     from lorakit.eval.report import write_report
+    from lorakit.jobs.protocol import fine_tuned_name
     from lorakit.models.load import load_model
-    from lorakit.serve.jobs import fine_tuned_name
 
     opts = json.loads(job["lorakit"])
     model, tokenizer = load_model(job["base_model"])
@@ -110,8 +110,8 @@ def _watch_parent(ppid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from lorakit.jobs.store import JobStore
     from lorakit.lora.io import atomic_write_json
-    from lorakit.serve.jobs import JobStore
 
     state_dir, job_id = argv
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()

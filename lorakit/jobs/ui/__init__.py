@@ -11,7 +11,6 @@ the same isolation as the API.
 
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import zipfile
@@ -24,8 +23,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lorakit.errors import ConfigError, DataError, LorakitError
-from lorakit.serve.jobs import (TERMINAL, NotFound, checkpoint_object, event_object, file_object,
-                                job_object)
+from lorakit.jobs.protocol import (JobRequest, checkpoint_object, event_object, file_object,
+                                   job_object)
+from lorakit.jobs.service import cancel_job, create_job, upload_file
+from lorakit.jobs.store import TERMINAL, NotFound
+from lorakit.serve.auth import DEFAULT_OWNER
 
 HERE = Path(__file__).parent
 COOKIE = "lorakit_key"
@@ -56,22 +58,18 @@ def ui_router() -> APIRouter:
     router = APIRouter(prefix="/ui")
 
     def owner(http: HTTPRequest) -> str:
-        keys = http.app.state.ui_keys
+        """The owner of the key in the cookie (the server's keys, ``app.state.keys``)."""
+        keys = http.app.state.keys
         if not keys:
-            return "default"
-        given = http.cookies.get(COOKIE, "").encode()
-        found = None
-        for key, who in keys.items():
-            if hmac.compare_digest(given, key.encode()):
-                found = who
+            return DEFAULT_OWNER
+        found = keys.owner(http.cookies.get(COOKIE, ""))
         if found is None:
             raise _Login()
         return found
 
     def page(name: str, http: HTTPRequest, status: int = 200, **context) -> HTMLResponse:
-        keys = http.app.state.ui_keys
         html = env.get_template(name).render(base_name=http.app.state.jobs.base_name,
-                                             logged_in=bool(keys), **context)
+                                             logged_in=bool(http.app.state.keys), **context)
         return HTMLResponse(html, status_code=status)
 
     def guarded(handler):
@@ -97,6 +95,10 @@ def ui_router() -> APIRouter:
                  for f in store.list_files(who)]
         return {"files": files, "jobs": [job_object(j) for j in store.list_jobs(who)]}
 
+    def index_with_error(http: HTTPRequest, who: str, exc: Exception) -> HTMLResponse:
+        """The index page again, with why the form was refused (400)."""
+        return page("index.html", http, status=400, error=str(exc), **index_context(http, who))
+
     @router.get("", response_class=HTMLResponse)
     @router.get("/", response_class=HTMLResponse)
     @guarded
@@ -105,8 +107,7 @@ def ui_router() -> APIRouter:
 
     @router.post("/login")
     async def login(http: HTTPRequest, key: str = Form(...)):
-        keys = http.app.state.ui_keys
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+        if http.app.state.keys.owner(key) is None:
             return page("login.html", http, status=401, error="That API key is not valid.")
         response = RedirectResponse("/ui", status_code=303)
         response.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/ui")
@@ -121,14 +122,12 @@ def ui_router() -> APIRouter:
     @router.post("/files")
     @guarded
     async def upload(http: HTTPRequest, file: UploadFile = File(...)):
-        from lorakit.serve.jobs_api import upload_file
-
         who = owner(http)
         try:
-            row = await upload_file(http.app, who, file.filename, file.read)
+            row = await upload_file(http.app.state.jobs, http.app.state.engine.tokenizer, who,
+                                    file.filename, file.read)
         except (ConfigError, DataError) as exc:
-            return page("index.html", http, status=400, error=str(exc),
-                        **index_context(http, who))
+            return index_with_error(http, who, exc)
         return RedirectResponse(f"/ui/files/{row['id']}", status_code=303)
 
     @router.get("/files/{file_id}", response_class=HTMLResponse)
@@ -145,8 +144,6 @@ def ui_router() -> APIRouter:
                         n_epochs: str = Form("auto"), learning_rate_multiplier: str = Form("auto"),
                         batch_size: str = Form("auto"), suffix: str = Form(""),
                         lora_r: str = Form(""), beta: str = Form(""), max_steps: str = Form("")):
-        from lorakit.serve.jobs_api import JobRequest, create_job
-
         who = owner(http)
 
         def number(value: str, kind=int):
@@ -164,10 +161,9 @@ def ui_router() -> APIRouter:
             body = JobRequest(model=http.app.state.jobs.base_name, training_file=training_file,
                               validation_file=validation_file or None, suffix=suffix or None,
                               method=method_obj, hyperparameters=hp, lorakit=extra)
-            job = create_job(http.app, who, body)
+            job = create_job(http.app.state.jobs, who, body)
         except ValueError as exc:  # ConfigError is a ValueError; so are bad numbers
-            return page("index.html", http, status=400, error=str(exc),
-                        **index_context(http, who))
+            return index_with_error(http, who, exc)
         return RedirectResponse(f"/ui/jobs/{job['id']}", status_code=303)
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -195,10 +191,8 @@ def ui_router() -> APIRouter:
     @router.post("/jobs/{job_id}/cancel")
     @guarded
     async def cancel(job_id: str, http: HTTPRequest):
-        manager = http.app.state.jobs
-        job = manager.store.get_job(job_id, owner(http))
         try:
-            manager.cancel(job)
+            cancel_job(http.app.state.jobs, owner(http), job_id)
         except ConfigError:
             pass  # already finished: the page shows it
         return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
@@ -241,18 +235,12 @@ def ui_router() -> APIRouter:
     @guarded
     async def playground(body: PlaygroundRequest, http: HTTPRequest):
         """The same prompt through each model (greedy), for a side-by-side comparison."""
+        from lorakit.data.tokenize import prompt_ids
         from lorakit.serve.engine import SamplingParams
 
         who = owner(http)
         engine, visible = http.app.state.engine, http.app.state.model_visible
-        tokenizer = engine.tokenizer
-        messages = [{"role": "user", "content": body.prompt}]
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = tokenizer(body.prompt)["input_ids"]
+        ids = prompt_ids(engine.tokenizer, body.prompt)  # one user turn through the template
         outputs = {}
         for model in body.models:
             try:

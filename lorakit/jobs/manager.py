@@ -1,7 +1,7 @@
-"""Fine-tuning as a service: files, jobs, events and checkpoints in SQLite, training in a
-separate worker process, finished adapters served by the running engine at once.
+"""The scheduler of the fine-tuning service: training in worker processes, finished adapters
+served by the running engine at once.
 
-State lives under ``--state-dir``::
+State lives under ``--state-dir`` (rows in ``store.py``)::
 
     STATE/jobs.db                    files, jobs, events, checkpoints (SQLite, WAL)
     STATE/files/file-XXXX.jsonl      uploaded training / validation files
@@ -10,7 +10,7 @@ State lives under ``--state-dir``::
                                      eval/report.html, worker.log, result.json
 
 :class:`JobManager` is a thread in the server process. It never trains: it starts one
-``python -m lorakit.serve.jobs_worker STATE JOB`` process per running job (at most
+``python -m lorakit.jobs.worker STATE JOB`` process per running job (at most
 ``max_concurrent``), turns the run folder's ``metrics.jsonl`` and ``checkpoints/`` into events
 and checkpoint rows, and, when a worker finishes, registers ``adapter/`` with the engine as
 ``ft:<base>:<suffix>:<id>``. Training in another process keeps the request path (and the GIL)
@@ -23,259 +23,25 @@ continues from the last checkpoint (the SFT recipe's exact mid-epoch resume). Ca
 the worker SIGTERM: the recipe's stop flag finishes the current step, writes a checkpoint and
 returns.
 
-Why SQLite and a process per job rather than a task queue (Celery, RQ): nothing else to run or
-configure, and the state survives ``kill -9`` with the guarantees SQLite gives.
+Why a process per job rather than a task queue (Celery, RQ): nothing else to run or configure.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 from lorakit.errors import ConfigError, LorakitError
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-DEFAULT_OWNER = "default"
-BASE_LR = 2.0e-4  # learning_rate_multiplier multiplies this (lorakit's SFT default)
-AUTO = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
-# lorakit's own settings, under the request's `lorakit` key (docs/service.md)
-LORAKIT_KEYS = {"lora_r": int, "lora_alpha": float, "lora_dropout": float, "quantization": str,
-                "max_steps": int, "max_length": int, "checkpoint_every": int, "eval": bool,
-                "eval_limit": int, "beta": float, "packing": bool}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, status TEXT NOT NULL,
-    status_details TEXT, path TEXT NOT NULL, kind TEXT, examples INTEGER, report TEXT);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL, model TEXT NOT NULL, base_model TEXT NOT NULL,
-    training_file TEXT NOT NULL,
-    validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL, method TEXT NOT NULL,
-    hyperparameters TEXT NOT NULL, lorakit TEXT NOT NULL, metadata TEXT, status TEXT NOT NULL,
-    created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER,
-    fine_tuned_model TEXT, trained_tokens INTEGER, error TEXT, run_dir TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, job_id TEXT NOT NULL,
-    created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, data TEXT,
-    type TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, created_at INTEGER NOT NULL,
-    metrics TEXT, path TEXT NOT NULL, UNIQUE (job_id, step));
-"""
+from lorakit.jobs.protocol import fine_tuned_name
+from lorakit.jobs.store import TERMINAL, JobStore
 
 
-class NotFound(LorakitError):
-    """No such file or job for this owner (answered as 404)."""
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-def load_keys(path: str | os.PathLike) -> dict[str, str]:
-    """Read a keys file: ``KEY OWNER`` per line (``#`` comments), or a JSON object
-    ``{"KEY": "OWNER"}``.
-
-    Raises:
-        ConfigError: missing file, a malformed line (with its number), or no key at all.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--keys-file {file}: no such file")
-    text = file.read_text()
-    if text.lstrip().startswith("{"):
-        try:
-            keys = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file}: not valid JSON ({exc})") from None
-        if not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in keys.items()):
-            raise ConfigError(f"{file}: the JSON object must map API key strings to owner names")
-    else:
-        keys = {}
-        for n, line in enumerate(text.splitlines(), start=1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.replace(":", " ", 1).split() if " " not in line else line.split()
-            if len(parts) != 2:
-                raise ConfigError(f"{file}:{n}: expected 'KEY OWNER', got {line!r}")
-            keys[parts[0]] = parts[1]
-    if not keys:
-        raise ConfigError(f"{file}: no API keys in it")
-    return keys
-
-
-# ---------------------------------------------------------------------- the store
-class JobStore:
-    """SQLite rows for files, jobs, events and checkpoints. Safe across threads (one
-    connection behind a lock) and processes (WAL, busy timeout): the worker opens its own."""
-
-    def __init__(self, state_dir: str | os.PathLike):
-        self.root = Path(state_dir)
-        for sub in ("files", "jobs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / "jobs.db", timeout=30, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _all(self, sql: str, args=()) -> list[dict]:
-        with self._lock:
-            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
-
-    def _exec(self, sql: str, args=()) -> None:
-        with self._lock:
-            self._db.execute(sql, args)
-
-    # files
-    def add_file(self, row: dict) -> None:
-        cols = ", ".join(row)
-        self._exec(f"INSERT INTO files ({cols}) VALUES ({', '.join('?' * len(row))})",
-                   tuple(row.values()))
-
-    def get_file(self, file_id: str, owner: str | None) -> dict:
-        rows = self._all("SELECT * FROM files WHERE id = ?", (file_id,))
-        if not rows or (owner is not None and rows[0]["owner"] != owner):
-            raise NotFound(f"No such File object: {file_id}")
-        return rows[0]
-
-    def list_files(self, owner: str | None, purpose: str | None = None) -> list[dict]:
-        rows = self._all("SELECT * FROM files ORDER BY created_at DESC, rowid DESC")
-        return [r for r in rows if (owner is None or r["owner"] == owner)
-                and (purpose is None or r["purpose"] == purpose)]
-
-    def delete_file(self, file_id: str) -> None:
-        self._exec("DELETE FROM files WHERE id = ?", (file_id,))
-
-    # jobs
-    def add_job(self, row: dict) -> None:
-        cols = ", ".join(row)
-        self._exec(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})",
-                   tuple(row.values()))
-
-    def get_job(self, job_id: str, owner: str | None = None) -> dict:
-        rows = self._all("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if not rows or (owner is not None and rows[0]["owner"] != owner):
-            raise NotFound(f"Could not find fine-tuning job {job_id!r}")
-        return rows[0]
-
-    def list_jobs(self, owner: str | None = None, status: tuple = ()) -> list[dict]:
-        rows = self._all("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC")
-        return [r for r in rows if (owner is None or r["owner"] == owner)
-                and (not status or r["status"] in status)]
-
-    def update_job(self, job_id: str, **fields) -> None:
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
-
-    def set_status(self, job_id: str, status: str, *, only_from: tuple = (), **fields) -> bool:
-        """Move a job to ``status`` (only from ``only_from`` states, when given); True if it
-        moved. The check and the write are one statement, so a cancel cannot be overwritten."""
-        fields = {"status": status, **fields}
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        sql, args = f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id]
-        if only_from:
-            sql += f" AND status IN ({', '.join('?' * len(only_from))})"
-            args += list(only_from)
-        with self._lock:
-            return self._db.execute(sql, args).rowcount > 0
-
-    # events
-    def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict | None = None,
-                  type: str = "message") -> None:
-        self._exec("INSERT INTO events (id, job_id, created_at, level, message, data, type) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (new_id("ftevent"), job_id, int(time.time()), level, message,
-                    json.dumps(data) if data is not None else None, type))
-
-    def events(self, job_id: str) -> list[dict]:
-        """Oldest first."""
-        return self._all("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
-
-    def last_metric_step(self, job_id: str) -> int:
-        rows = self._all("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' "
-                         "ORDER BY seq DESC LIMIT 1", (job_id,))
-        return json.loads(rows[0]["data"])["step"] if rows else 0
-
-    # checkpoints
-    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> None:
-        self._exec("INSERT OR IGNORE INTO checkpoints (id, job_id, step, created_at, metrics, path)"
-                   " VALUES (?, ?, ?, ?, ?, ?)",
-                   (new_id("ftckpt"), job_id, step, int(time.time()), json.dumps(metrics), path))
-
-    def checkpoints(self, job_id: str) -> list[dict]:
-        """Newest first; only those still on disk (older ones are pruned by the recipe)."""
-        rows = self._all("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,))
-        return [r for r in rows if Path(r["path"]).is_dir()]
-
-
-# ---------------------------------------------------------------------- OpenAI shapes
-def file_object(row: dict) -> dict:
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"],
-            "created_at": row["created_at"], "filename": row["filename"],
-            "purpose": row["purpose"], "status": row["status"],
-            "status_details": row["status_details"], "expires_at": None}
-
-
-def job_object(row: dict) -> dict:
-    hp = json.loads(row["hyperparameters"])
-    method = json.loads(row["method"])
-    error = json.loads(row["error"]) if row["error"] else None
-    run_dir = Path(row["run_dir"])
-    result_files = [f"{row['id']}/metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
-    return {"id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"],
-            "error": error, "fine_tuned_model": row["fine_tuned_model"],
-            "finished_at": row["finished_at"],
-            "hyperparameters": {k: hp[k] for k in AUTO}, "model": row["model"],
-            "organization_id": row["owner"], "result_files": result_files, "seed": row["seed"],
-            "status": row["status"], "trained_tokens": row["trained_tokens"],
-            "training_file": row["training_file"], "validation_file": row["validation_file"],
-            "estimated_finish": None, "integrations": [],
-            "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
-            "method": method, "user_provided_suffix": row["suffix"],
-            "lorakit": json.loads(row["lorakit"])}
-
-
-def event_object(row: dict) -> dict:
-    return {"id": row["id"], "object": "fine_tuning.job.event", "created_at": row["created_at"],
-            "level": row["level"], "message": row["message"],
-            "data": json.loads(row["data"]) if row["data"] else {}, "type": row["type"]}
-
-
-def checkpoint_object(row: dict, job: dict) -> dict:
-    name = job["fine_tuned_model"] or fine_tuned_name(job)
-    return {"id": row["id"], "object": "fine_tuning.job.checkpoint",
-            "created_at": row["created_at"], "fine_tuning_job_id": job["id"],
-            "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{row['step']}",
-            "step_number": row["step"], "metrics": json.loads(row["metrics"] or "{}")}
-
-
-def fine_tuned_name(job: dict) -> str:
-    """OpenAI's naming: ``ft:<base>:<suffix>:<id>`` (suffix may be empty)."""
-    return f"ft:{job['model']}:{job['suffix'] or ''}:{job['id'].split('-', 1)[1][:12]}"
-
-
-# ---------------------------------------------------------------------- the manager
 class JobManager:
     """Runs queued jobs in worker processes and hands finished adapters to the engine.
 
@@ -308,7 +74,6 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self.on_finish: list[Callable[[dict], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "JobManager":
@@ -352,10 +117,6 @@ class JobManager:
         self._wake.set()
 
     # ------------------------------------------------------------------ ownership
-    def model_owner(self, name: str) -> str | None:
-        """The owner of fine-tuned model ``name`` (None: not a fine-tuned model)."""
-        return self._owners.get(name)
-
     def visible(self, owner: str | None, model: str) -> bool:
         """May ``owner`` see / use ``model``? Fine-tuned models belong to their job's owner."""
         who = self._owners.get(model)
@@ -428,7 +189,7 @@ class JobManager:
         log = open(run_dir / "worker.log", "ab")
         try:
             self._procs[job["id"]] = subprocess.Popen(
-                [sys.executable, "-m", "lorakit.serve.jobs_worker", str(self.root), job["id"]],
+                [sys.executable, "-m", "lorakit.jobs.worker", str(self.root), job["id"]],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=_die_with_parent, close_fds=True)
         finally:
@@ -523,8 +284,6 @@ class JobManager:
                                      error=json.dumps(error), finished_at=int(time.time())):
                 self.store.add_event(job["id"], f"Fine-tuning job failed: {error['message']}",
                                      level="error")
-        for hook in self.on_finish:
-            hook(self.store.get_job(job["id"]))
 
     def _register(self, job: dict) -> None:
         """Serve a finished job's adapter under its fine-tuned model name."""
@@ -551,64 +310,3 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the worker's parent watchdog still stops it
-
-
-def resolve_hyperparameters(requested: dict, n_examples: int) -> dict:
-    """``"auto"`` / missing -> lorakit's defaults (batch size at most the example count).
-
-    Raises:
-        ConfigError: a value of the wrong type or out of range.
-    """
-    out = {}
-    for key, default in AUTO.items():
-        value = requested.get(key, "auto")
-        if value in ("auto", None):
-            value = min(default, max(1, n_examples)) if key == "batch_size" else default
-        kind = float if key == "learning_rate_multiplier" else int
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                kind is int and not float(value).is_integer()):
-            raise ConfigError(f"hyperparameters.{key} must be 'auto' or a "
-                              f"{'number' if kind is float else 'whole number'}, got {value!r}")
-        value = kind(value)
-        low, high = {"n_epochs": (1, 50), "batch_size": (1, 256),
-                     "learning_rate_multiplier": (1e-3, 100)}[key]
-        if not low <= value <= high:
-            raise ConfigError(f"hyperparameters.{key} must be between {low} and {high}, got "
-                              f"{value}")
-        out[key] = value
-    return out
-
-
-def check_lorakit_options(options: Any) -> dict:
-    """Validate the request's ``lorakit`` object (lorakit's own settings).
-
-    Raises:
-        ConfigError: unknown key (with the nearest valid one) or a wrong type.
-    """
-    from lorakit.errors import did_you_mean
-
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise ConfigError("lorakit must be an object, e.g. {\"lora_r\": 8}")
-    out = {}
-    for key, value in options.items():
-        if key not in LORAKIT_KEYS:
-            raise ConfigError(f"unknown lorakit option {key!r}{did_you_mean(key, LORAKIT_KEYS)}; "
-                              f"valid: {', '.join(LORAKIT_KEYS)}")
-        kind = LORAKIT_KEYS[key]
-        if value is None:
-            continue
-        if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
-            raise ConfigError(f"lorakit.{key} must be {kind.__name__}, got {value!r}")
-        try:
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"lorakit.{key} must be {kind.__name__}, got {value!r}") from None
-        if kind in (int, float) and key != "lora_dropout" and value <= 0:
-            raise ConfigError(f"lorakit.{key} must be > 0, got {value}")
-        out[key] = value
-    if out.get("quantization") not in (None, "nf4"):
-        raise ConfigError(f"lorakit.quantization must be 'nf4' or null, got "
-                          f"{out['quantization']!r}")
-    return out
