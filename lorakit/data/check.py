@@ -38,10 +38,11 @@ def _pct(part: float, whole: float) -> str:
     return f"{share:.0f}%" if share >= 1 or share == 0 else f"{share:.1f}%"
 
 
-def _load(paths: list[str], format: str, strict: bool) -> tuple[list[Example], list[DataIssue], Counter, int]:
+def _load(paths: list[str], format: str, strict: bool, layout: str = "auto",
+          ) -> tuple[list[Example], list[DataIssue], Counter, int]:
     examples, errors, formats, records = [], [], Counter(), 0
     for path in paths:
-        result = load_examples(path, format=format, strict=strict)
+        result = load_examples(path, format=format, strict=strict, layout=layout)
         examples += result.examples
         errors += result.errors
         formats.update(result.formats)
@@ -132,7 +133,7 @@ def _duplicates(train: Sequence[Example], evals: Sequence[Example], threshold: f
 
 def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
                format: str = "auto", train_on: str = "all_assistant", strict: bool = False,
-               near_threshold: float = 0.8, preview: int = 0) -> dict[str, Any]:
+               near_threshold: float = 0.8, preview: int = 0, layout: str = "auto") -> dict[str, Any]:
     """Validate data files and measure what matters before training on them.
 
     Args:
@@ -146,6 +147,9 @@ def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
         strict: raise on the first bad record instead of skipping it.
         near_threshold: estimated Jaccard similarity (word 3-grams) that counts as near-duplicate.
         preview: include this many rendered examples with their supervised spans.
+        layout: how the files are laid out: ``"auto"`` (from the suffix), ``"jsonl"`` or
+            ``"json"`` (see :func:`lorakit.data.jsonl.read_jsonl_records`); give it when a
+            path is a temporary name without the real suffix.
 
     Returns:
         The report dict: ``examples``, ``records``, ``skipped``, ``errors`` (list of
@@ -158,9 +162,10 @@ def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
         DataError: a file is missing, or ``strict`` and a record is bad.
     """
     files = _paths(paths)
-    examples, errors, formats, records = _load(files, format, strict)
+    examples, errors, formats, records = _load(files, format, strict, layout)
     eval_files = _paths(eval_path) if eval_path else []
-    evals, eval_errors, _, eval_records = _load(eval_files, format, strict) if eval_files else ([], [], None, 0)
+    evals, eval_errors, _, eval_records = (_load(eval_files, format, strict, layout) if eval_files
+                                           else ([], [], None, 0))
     errors += eval_errors
 
     report: dict[str, Any] = {"files": files, "eval_files": eval_files, "records": records}

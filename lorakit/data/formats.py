@@ -14,18 +14,27 @@ prompt_completion, instruction and sharegpt become ``kind="chat"`` examples (use
 assistant answer) so the model's chat template applies to them; text stays ``kind="text"``;
 preference becomes ``kind="preference"`` with the prompt in ``messages``.
 
-Files are JSONL (one object per line) or JSON (one list of objects); either way every error
-names the file, the line and the field. Bad records are skipped and counted, never dropped
-silently; ``strict=True`` raises :class:`~lorakit.errors.DataError` on the first one.
+Files are JSONL (one object per line) or JSON (one list of objects), read by
+:func:`lorakit.data.jsonl.read_jsonl_records` (the rules for each suffix, and for hostile JSON,
+are there); either way every error names the file, the line and the field. Bad records are
+skipped and counted, never dropped silently; ``strict=True`` raises
+:class:`~lorakit.errors.DataError` on the first one.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from lorakit.data.jsonl import (  # noqa: F401  (re-exported: the readers' public names)
+    MAX_DEPTH,
+    DataIssue,
+    JSONRecordError,
+    loads_record,
+    read_jsonl_records,
+    show,
+)
 from lorakit.errors import ConfigError, DataError, did_you_mean
 
 FORMATS = ("prompt_completion", "chat", "instruction", "sharegpt", "text", "preference")
@@ -89,23 +98,6 @@ class Example:
         parts = [m["content"] for m in self.messages]
         parts += [m["content"] for m in self.chosen] + [m["content"] for m in self.rejected]
         return "\n".join(parts)
-
-
-@dataclass
-class DataIssue:
-    """One problem found in the input: where it is and what is wrong."""
-
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message}
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
 @dataclass
@@ -193,9 +185,9 @@ def _messages(value: Any, where: str, role_key: str = "role", content_key: str =
         if role is None:
             raise _RecordError(f"{at}.{role_key}", "missing")
         if not isinstance(role, str) or role not in roles:
-            hint = did_you_mean(str(role), roles) if isinstance(role, str) else ""
+            hint = did_you_mean(role, roles) if isinstance(role, str) and len(role) < 40 else ""
             raise _RecordError(f"{at}.{role_key}",
-                               f"unknown role {role!r}{hint}; expected one of {', '.join(roles)}")
+                               f"unknown role {show(role)}{hint}; expected one of {', '.join(roles)}")
         content = _string(msg, content_key, where=f"{at}.{content_key}")
         out.append({"role": roles[role], "content": content})
     return out
@@ -277,7 +269,10 @@ def _parse_or_raise(record: Any, fmt: str) -> Example:
         raise _RecordError("", f"expected a JSON object, got {type(record).__name__}")
     detected = fmt if fmt != "auto" else detect_format(record)
     if detected is None:
-        keys = ", ".join(sorted(map(str, record))) or "none"
+        names = sorted(map(str, record))
+        keys = ", ".join(show(k)[1:-1] for k in names[:8]) + (f", ... ({len(names)} keys)"
+                                                              if len(names) > 8 else "")
+        keys = keys or "none"
         raise _RecordError("", f"unrecognised record (keys: {keys}); expected messages, conversations, "
                                "prompt/completion, instruction/output, text or prompt/chosen/rejected")
     example = _parse(record, detected)
@@ -288,77 +283,13 @@ def _parse_or_raise(record: Any, fmt: str) -> Example:
 # ---------------------------------------------------------------- files
 
 
-def _records_jsonl(text: str, path: str) -> Iterable[tuple[int, Any, DataIssue | None]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield lineno, None, DataIssue(path, lineno, "", f"malformed JSON: {exc.msg} (column {exc.colno})")
-
-
-def _records_json_list(text: str, path: str) -> Iterable[tuple[int, Any, DataIssue | None]]:
-    """Walk a top-level JSON list element by element so each one keeps its line number."""
-    counted = [0, 1]  # (position, line number at that position), advanced monotonically
-
-    def line_of(pos: int) -> int:
-        counted[1] += text.count("\n", counted[0], pos)
-        counted[0] = pos
-        return counted[1]
-
-    decoder = json.JSONDecoder()
-    ws = " \t\r\n"
-    pos = len(text) - len(text.lstrip(ws)) + 1  # just after "["
-    n = len(text)
-
-    def skip(p: int) -> int:
-        while p < n and text[p] in ws:
-            p += 1
-        return p
-
-    pos = skip(pos)
-    if pos < n and text[pos] == "]":
-        return
-    while pos < n:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            yield exc.lineno, None, DataIssue(path, exc.lineno, "",
-                                              f"malformed JSON: {exc.msg} (column {exc.colno}); "
-                                              "the rest of this file was not read")
-            return
-        yield line_of(pos), value, None
-        pos = skip(end)
-        if pos < n and text[pos] == ",":
-            pos = skip(pos + 1)
-        elif pos < n and text[pos] == "]":
-            return
-        else:
-            line = line_of(pos)
-            yield line, None, DataIssue(path, line, "", "malformed JSON: expected ',' or ']' "
-                                                        "between list elements; the rest of this file was not read")
-            return
-
-
-def _iter_file(path: Path) -> Iterable[tuple[int, Any, DataIssue | None]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if text.lstrip().startswith("["):
-        return _records_json_list(text, str(path))
-    return _records_jsonl(text, str(path))
-
-
 def _iter_rows(rows: Iterable[Any]) -> Iterable[tuple[int, Any, DataIssue | None]]:
     for i, row in enumerate(rows, start=1):
         yield i, dict(row) if hasattr(row, "keys") and not isinstance(row, dict) else row, None
 
 
-def load_examples(path_or_dataset: Any, format: str = "auto", strict: bool = False) -> LoadResult:
+def load_examples(path_or_dataset: Any, format: str = "auto", strict: bool = False,
+                  layout: str = "auto") -> LoadResult:
     """Read examples from a JSONL/JSON file, a list of dicts, or a Hugging Face ``Dataset``.
 
     Args:
@@ -367,19 +298,23 @@ def load_examples(path_or_dataset: Any, format: str = "auto", strict: bool = Fal
         format: ``"auto"`` (detect per record) or one of :data:`FORMATS` (aliases such as
             ``"alpaca"`` and ``"messages"`` are accepted).
         strict: raise on the first bad record instead of skipping it.
+        layout: for a path, ``"auto"`` (from the suffix: ``.jsonl`` is one object per line,
+            anything else a JSON array or JSON lines), ``"jsonl"`` or ``"json"``; see
+            :func:`lorakit.data.jsonl.read_jsonl_records`.
 
     Returns:
         A :class:`LoadResult` with the valid examples, the errors (file, line, field,
         message) of the skipped ones, and counts per detected format.
 
     Raises:
-        DataError: the file is missing or unreadable, or ``strict`` and a record is bad.
+        DataError: the file is missing or unreadable, or ``strict`` and a record is bad
+            (the message names file, line and field: ``train.jsonl:7: completion: empty``).
         ConfigError: ``format`` is not a known format.
     """
     fmt = normalize_format(format)
     if isinstance(path_or_dataset, (str, Path)):
         name = str(path_or_dataset)
-        records = _iter_file(Path(path_or_dataset))
+        records = read_jsonl_records(Path(path_or_dataset), name=name, layout=layout)
     else:
         name = "<dataset>" if hasattr(path_or_dataset, "column_names") else "<memory>"
         records = _iter_rows(path_or_dataset)

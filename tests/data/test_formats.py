@@ -83,7 +83,8 @@ BAD_LINES = [
     ('{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}',
      "conversations[1].from", "unknown role 'robot'"),
     ('{"foo": 1}', "", "unrecognised record"),
-    ('[1, 2]', "", "expected a JSON object"),
+    ('[1, 2]', "", "a JSON list where a record (object) was expected"),
+    ('42', "", "a JSON number where a record (object) was expected"),
     ('{"prompt": "q", "chosen": "a"}', "rejected", "missing"),
     ('{"text": 5}', "text", "must be a string"),
 ]
