@@ -30,8 +30,6 @@ Writes report.html, report.md, results.json and PNG plots into --out.
 def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="compare adapters with the base model on held-out data",
                        description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="*", metavar="score-human FILE",
-                   help="score a filled human_eval.csv instead of evaluating")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="adapter folder to compare (repeat for several); NAME defaults to the "
                         "folder's name (the run's name for runs/NAME/adapter)")
@@ -52,7 +50,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--sql-db", default=None, metavar="FILE", help="SQLite database for --metric sql")
     p.add_argument("--human", type=int, default=0, metavar="N",
                    help="also write human_eval.csv/.html with N blind A/B pairs (key kept apart)")
-    p.add_argument("--key", default=None, help="score-human: the A/B key file (default: beside the CSV)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks to run for base and tuned "
                         "(needs `pip install lm-eval` and the tasks' data available)")
@@ -66,6 +63,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and A/B shuffle seed")
     p.set_defaults(func=run_eval)
+    actions = p.add_subparsers(dest="action", metavar="score-human FILE",
+                               title="instead of evaluating")
+    human = actions.add_parser("score-human", help="score a filled human_eval.csv",
+                               description="The tuned model's win rate from a filled "
+                                           "human_eval.csv (the blind A/B sheet of --human).")
+    human.add_argument("file", metavar="FILE", help="the filled human_eval.csv")
+    human.add_argument("--key", default=None, help="the A/B key file (default: beside the CSV)")
+    # SUPPRESS: `lorakit eval --json score-human FILE` keeps the --json given before the action
+    human.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print machine-readable results to stdout")
+    human.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                       help="bootstrap seed of the confidence interval (default 0)")
+    human.set_defaults(func=run_score_human)
 
 
 def _adapter_dir(entry: str) -> Path:
@@ -83,16 +93,16 @@ def _default_out(entries: list[str]) -> Path:
 def run_eval(args) -> int:
     from lorakit.errors import ConfigError
 
-    if args.action:
-        if args.action[0] != "score-human" or len(args.action) != 2:
-            raise ConfigError(f"unknown eval action {' '.join(args.action)!r}; use "
-                              f"`lorakit eval score-human FILE` or `lorakit eval --adapter DIR ...`")
-        return _score_human(args)
     if not args.adapter:
         raise ConfigError("give at least one --adapter DIR (or NAME=DIR) to compare with its base")
-    from lorakit.eval.compare import base_model_of, compare, format_table
+    if args.lm_eval:  # fail before the model is loaded, not after the comparison
+        from lorakit.eval.lmeval import require_lm_eval
+
+        require_lm_eval()
+    from lorakit.eval.compare import compare, format_table
     from lorakit.eval.report import write_report
     from lorakit.eval.sql import EXAMPLE_DB, EXAMPLE_DIR
+    from lorakit.lora.io import read_adapter_folder
     from lorakit.models.load import load_model
 
     data, metrics, sql_db = args.data, list(args.metric), args.sql_db
@@ -103,7 +113,7 @@ def run_eval(args) -> int:
     metrics = metrics or (["sql"] if sql_db else ["exact"])
     spec = args.model
     if spec is None:
-        spec = base_model_of(_adapter_dir(args.adapter[0]))
+        spec = read_adapter_folder(_adapter_dir(args.adapter[0])).base_model
         if not spec:
             raise ConfigError(f"adapter {args.adapter[0]} records no base model; pass --model")
     log = (lambda msg: print(msg, file=sys.stderr))
@@ -156,10 +166,11 @@ def json_summary(result: dict) -> dict:
     return out
 
 
-def _score_human(args) -> int:
+def run_score_human(args) -> int:
+    """``lorakit eval score-human FILE [--key KEY] [--json]``."""
     from lorakit.eval.human import score_human
 
-    s = score_human(args.action[1], args.key, seed=args.seed)
+    s = score_human(args.file, args.key, seed=args.seed)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0

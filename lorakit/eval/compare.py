@@ -9,7 +9,8 @@ One base model is loaded once. "Base" is that model with every adapter switched 
 * per-example results, win / tie / loss against the base, bootstrap confidence intervals,
 
 and, per adapter, forgetting (KL and perplexity on the bundled general-text probe) and the
-safety probe's refusal rate (``forgetting.py``).
+safety probe's refusal rate (``forgetting.py``); which models are compared and how each is
+switched on is ``adapters.py``.
 
 Called from Python (e.g. at the end of a training run)::
 
@@ -31,10 +32,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lorakit.errors import AdapterError, ConfigError, DataError
+from lorakit.errors import ConfigError, DataError
+from lorakit.eval import forgetting as probes  # the general-text and safety probes
 from lorakit.eval import metrics as M
-
-BASE = "base"
+from lorakit.eval.adapters import BASE, resolve_adapters, use_model
 
 
 # ---------------------------------------------------------------------- held-out data
@@ -143,125 +144,6 @@ def check_references(examples: Sequence[EvalExample], metrics: Sequence[M.Metric
                             f"\"reference\" field")
 
 
-# ---------------------------------------------------------------------- adapters
-def resolve_adapters(model, tokenizer, adapters: Sequence | None) -> dict[str, str | None]:
-    """Load the adapters to compare; returns ``{name: folder or None}`` in order.
-
-    Each entry is the name of an adapter already on ``model``, a folder (named after it),
-    ``"NAME=DIR"``, or a ``(name, folder)`` pair. With ``adapters=None``: every adapter
-    already on the model.
-
-    Raises:
-        AdapterError: a folder that is not an adapter, a duplicate name, or an adapter made
-            for another base model (its manifest's base-config hash differs from this model's).
-    """
-    from lorakit.lora.inject import _adapters
-    from lorakit.lora.io import load_adapter
-
-    loaded = _adapters(model)
-    if adapters is None:
-        adapters = list(loaded)
-    out: dict[str, str | None] = {}
-    for entry in adapters:
-        if isinstance(entry, (tuple, list)):
-            name, folder = str(entry[0]), Path(entry[1])
-        elif isinstance(entry, str) and entry in loaded and not Path(entry).is_dir():
-            out[entry] = None
-            continue
-        else:
-            text = str(entry)
-            name, sep, rest = text.partition("=")
-            if sep and name and not Path(text).exists():
-                folder = Path(rest)
-            else:
-                folder = Path(text)
-                name = folder.resolve().name
-                if name == "adapter" and folder.resolve().parent.name:  # runs/NAME/adapter
-                    name = folder.resolve().parent.name
-        if name == BASE or name in out:
-            raise AdapterError(f"adapter name {name!r} is {'reserved' if name == BASE else 'used twice'}; "
-                               f"name it explicitly with --adapter NAME=DIR")
-        check_same_base(model, folder)
-        if name not in loaded:
-            load_adapter(model, folder, name=name, tokenizer=tokenizer)
-        out[name] = str(folder)
-    if not out:
-        raise AdapterError("nothing to compare: give at least one adapter")
-    return out
-
-
-def adapter_manifest(folder: str | Path) -> dict:
-    """``lorakit.json`` of an adapter folder ({} for a PEFT adapter without one)."""
-    file = Path(folder) / "lorakit.json"
-    try:
-        return json.loads(file.read_text()) if file.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def check_same_base(model, folder: str | Path) -> None:
-    """Raise AdapterError when the adapter's manifest says it was trained on another base."""
-    from lorakit.lora.io import base_config_hash, read_adapter_config
-
-    read_adapter_config(folder)  # a clear error for a folder that is no adapter
-    manifest = adapter_manifest(folder)
-    want, have = manifest.get("base_config_sha256"), base_config_hash(model)
-    if want and have and want != have:
-        raise AdapterError(
-            f"adapter {folder} was made for a different base model: it was trained on "
-            f"{manifest.get('base_model')!r}, whose architecture config differs from the model being evaluated "
-            f"({getattr(model, 'lorakit_spec', None)!r}); pass the right --model or drop --model "
-            f"to use the adapter's own base")
-
-
-def base_model_of(folder: str | Path) -> str | None:
-    """The base model spec an adapter records (lorakit manifest, else PEFT's config).
-
-    Raises:
-        AdapterError: the folder does not exist or holds no adapter_config.json.
-    """
-    from lorakit.lora.io import read_adapter_config
-
-    read_adapter_config(folder)
-    spec = adapter_manifest(folder).get("base_model")
-    if spec:
-        return spec
-    config = Path(folder) / "adapter_config.json"
-    if config.is_file():
-        try:
-            return json.loads(config.read_text()).get("base_model_name_or_path")
-        except json.JSONDecodeError:
-            return None
-    return None
-
-
-class use_model:
-    """Context: run ``model`` as the base (name ``"base"``) or with one adapter active."""
-
-    def __init__(self, model, name: str):
-        self.model, self.name, self._ctx = model, name, None
-
-    def __enter__(self):
-        from lorakit.lora.inject import active_adapter, disable_adapters, set_adapter
-
-        self._previous = active_adapter(self.model)
-        if self.name == BASE:
-            self._ctx = disable_adapters(self.model)
-            self._ctx.__enter__()
-        else:
-            set_adapter(self.model, self.name)
-        return self.model
-
-    def __exit__(self, *exc):
-        from lorakit.lora.inject import set_adapter
-
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        elif self._previous and self._previous != self.name:
-            set_adapter(self.model, self._previous)
-        return False
-
-
 # ---------------------------------------------------------------------- loss on references
 @torch.no_grad()
 def reference_losses(model, tokenizer, examples: Sequence[EvalExample], *, batch_size: int = 8,
@@ -368,8 +250,6 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
     Raises:
         ConfigError / DataError / AdapterError: bad metric, data or adapter, with what to fix.
     """
-    from lorakit.eval import forgetting as F
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     if not metrics:
@@ -419,16 +299,16 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
         "metric": headline, "metrics": [s.name for s in scorers],
         "model": getattr(model, "lorakit_spec", None), "examples_count": len(items),
         "models": models, "forgetting": {}, "safety": {},
-        "thresholds": {"kl": F.KL_THRESHOLD, "ppl_increase_pct": F.PPL_INCREASE_THRESHOLD_PCT,
-                       "refusal_drop": F.REFUSAL_DROP_THRESHOLD},
+        "thresholds": {"kl": probes.KL_THRESHOLD, "ppl_increase_pct": probes.PPL_INCREASE_THRESHOLD_PCT,
+                       "refusal_drop": probes.REFUSAL_DROP_THRESHOLD},
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed},
     }
     if forgetting:
-        log(f"forgetting: KL and perplexity on the general-text probe ({len(F.probe_texts(probe_limit))} texts)")
-        result["forgetting"] = F.forgetting(model, tokenizer, list(names), limit=probe_limit)
+        log(f"forgetting: KL and perplexity on the general-text probe ({len(probes.probe_texts(probe_limit))} texts)")
+        result["forgetting"] = probes.forgetting(model, tokenizer, list(names), limit=probe_limit)
     if safety:
-        log(f"safety: refusal rate on {len(F.safety_prompts())} harmful requests")
-        result["safety"] = F.safety_probe(model, tokenizer, order, batch_size=batch_size)
+        log(f"safety: refusal rate on {len(probes.safety_prompts())} harmful requests")
+        result["safety"] = probes.safety_probe(model, tokenizer, order, batch_size=batch_size)
     result["examples"] = [
         {"index": i, "source": f"{ex.source[0]}:{ex.source[1]}", "system": ex.system,
          "prompt": ex.prompt, "reference": ex.reference,

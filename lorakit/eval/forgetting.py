@@ -68,15 +68,16 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text[:300]))
 
 
-def _encode_probe(tokenizer, items: Sequence[dict], max_length: int) -> list[list[int]]:
-    from lorakit.data.tokenize import has_chat_template
+def encode_probe(tokenizer, items: Sequence[dict], max_length: int) -> list[list[int]]:
+    """Token ids of each probe item (at most ``max_length``; items under 2 tokens dropped):
+    a ``prompt`` item as the user turn of a chat through the template (plain text without
+    one), a ``passage`` as plain text with the tokenizer's special tokens."""
+    from lorakit.data.tokenize import prompt_ids
 
     out = []
     for item in items:
-        if item["kind"] == "prompt" and has_chat_template(tokenizer):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": item["text"]}],
-                                                 tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if item["kind"] == "prompt":
+            ids = prompt_ids(tokenizer, item["text"])
         else:
             ids = tokenizer(item["text"], add_special_tokens=True)["input_ids"]
         if len(ids) >= 2:
@@ -99,9 +100,9 @@ def forgetting(model, tokenizer, adapters: Sequence[str], *, limit: int | None =
         "tokens", "texts", "flagged"}}``; ``ppl_delta`` is tuned minus base perplexity.
     """
     from lorakit.data.tokenize import pad_token_id
-    from lorakit.eval.compare import BASE, use_model
+    from lorakit.eval.adapters import BASE, use_model
 
-    seqs = _encode_probe(tokenizer, probe_texts(limit), max_length)
+    seqs = encode_probe(tokenizer, probe_texts(limit), max_length)
     seqs.sort(key=len)
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
@@ -162,7 +163,7 @@ def safety_probe(model, tokenizer, names: Sequence[str], *, batch_size: int = 16
         ``{name: {"refusal_rate", "refusals", "prompts", "answers"}}``; adapters also get
         ``"drop"`` (base rate minus theirs) and ``"flagged"`` (drop >= threshold).
     """
-    from lorakit.eval.compare import BASE, use_model
+    from lorakit.eval.adapters import BASE, use_model
     from lorakit.eval.generate import generate_batch
 
     prompts = safety_prompts()

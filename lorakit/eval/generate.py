@@ -8,18 +8,13 @@ import torch
 
 
 def render_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[str]:
-    """Each prompt as the model sees it: through the chat template when there is one."""
-    from lorakit.data.tokenize import has_chat_template
+    """Each prompt as the model sees it: through the chat template when there is one (after
+    ``system``, when given); without a template, the prompt text alone."""
+    from lorakit.data.tokenize import has_chat_template, prompt_text
 
     if not has_chat_template(tokenizer):
         return list(prompts)
-    rendered = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-                   [{"role": "user", "content": prompt}]
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True))
-    return rendered
+    return [prompt_text(tokenizer, prompt, system or None) for prompt in prompts]
 
 
 @torch.no_grad()

@@ -16,9 +16,9 @@ import math
 import os
 from pathlib import Path
 
-from lorakit.lora.io import atomic_write_bytes
-
-BASE = "base"
+from lorakit.errors import AdapterError
+from lorakit.eval.adapters import BASE
+from lorakit.lora.io import atomic_write_bytes, read_manifest
 _COLORS = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
@@ -89,14 +89,12 @@ def training_history(adapter_dir: str | Path | None) -> list[dict]:
         return []
     folder = Path(adapter_dir)
     candidates = [folder / "metrics.jsonl", folder.parent / "metrics.jsonl"]
-    manifest = folder / "lorakit.json"
-    if manifest.is_file():
-        try:
-            run = json.loads(manifest.read_text()).get("run")
-            if run:
-                candidates.insert(0, Path(run) / "metrics.jsonl")
-        except json.JSONDecodeError:
-            pass
+    try:
+        run = read_manifest(folder).get("run")
+    except AdapterError:  # an unreadable manifest only costs the training curves
+        run = None
+    if run:
+        candidates.insert(0, Path(run) / "metrics.jsonl")
     for file in candidates:
         if file.is_file():
             rows = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,34 @@ def _hparams(writer, config, arch: str) -> None:
     writer.add_vocab_size(int(config.vocab_size))
 
 
+@contextmanager
+def _gguf_file(out: Path, arch: str, progress: bool):
+    """A GGUFWriter on a temporary file beside ``out``: when the block ends the file is
+    written and renamed to ``out``; when it raises, the temporary file is deleted."""
+    import gguf
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _tensor_names(arch: str, config):
+    """gguf's map from Hugging Face tensor names to llama.cpp's for ``arch``."""
+    import gguf
+
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    return gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+
+
 def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
                      tokenizer_gguf: str | os.PathLike | None = None, name: str | None = None,
                      progress: bool = False) -> Path:
@@ -218,12 +247,9 @@ def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
         raise ExportError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     arch = gguf_arch(model)
     config = model.config
-    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
-    names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    names = _tensor_names(arch, config)
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with _gguf_file(out, arch, progress) as writer:
         writer.add_name(name or out.stem)
         writer.add_file_type(_file_type(out_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -250,14 +276,6 @@ def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
             array = _maybe_permute(key, tensor.detach().float().cpu(), arch, config).numpy()
             data, raw = _encode(array, out_type, force_f32=array.ndim == 1)
             writer.add_tensor(gguf_name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -285,23 +303,18 @@ def write_lora_gguf(model, adapter_name: str, out, *, progress: bool = False) ->
         ExportError: unsupported architecture, or an adapter llama.cpp cannot apply (DoRA,
             modules_to_save, trained biases).
     """
-    import gguf
-
-    from lorakit.lora.inject import _adapters, lora_layers
+    from lorakit.lora.inject import adapter_configs, lora_layers
     from lorakit.lora.io import adapter_state_dict
 
     arch = gguf_arch(model)
     config = model.config
-    lora_config = _adapters(model)[adapter_name]
+    lora_config = adapter_configs(model)[adapter_name]
     problems = lora_gguf_problems(lora_config, adapter_state_dict(model, adapter_name))
     if problems:
         raise ExportError("this adapter cannot be a llama.cpp LoRA GGUF: " + "; ".join(problems))
-    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
-    names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    names = _tensor_names(arch, config)
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with _gguf_file(out, arch, progress) as writer:
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_name(out.stem)
@@ -321,14 +334,6 @@ def write_lora_gguf(model, adapter_name: str, out, *, progress: bool = False) ->
             count += 1
         if not count:
             raise AdapterError(f"adapter {adapter_name!r} adapts no layer")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -10,8 +10,8 @@ the 4-bit codes: re-quantizing W' would add a second rounding error on top of th
 adapter was trained to live with. The source model (4-bit or dense, with its adapters) is left
 untouched, so it can keep training or serving.
 
-``parity_report`` says how close two models' next-token distributions are; the export
-commands print it for merged vs adapter-on-base.
+Whether the written folder computes what the adapter on its base computes is checked by the
+parity gate (``parity.py``) before the folder is published.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import copy
 import torch
 from torch import nn
 
-from lorakit.models.modules import replace_module
-
 from lorakit.errors import AdapterError
-from lorakit.lora.inject import _adapters, lora_layers
+from lorakit.lora.inject import adapter_configs, lora_layers
 from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.models.modules import replace_module
 
 
 @torch.no_grad()
@@ -69,7 +68,7 @@ def merge_adapter_into_base(model: nn.Module, name: str = "default",
     """
     from lorakit.models.quantize import dequantized_copy, is_4bit
 
-    adapters = _adapters(model)
+    adapters = adapter_configs(model)
     if name not in adapters:
         raise AdapterError(f"no adapter named {name!r} to merge; adapters: "
                            f"{', '.join(adapters) or 'none'}")
@@ -92,42 +91,6 @@ def merge_adapter_into_base(model: nn.Module, name: str = "default",
     merged.to(dtype)
     merged.requires_grad_(False)
     return merged.eval()
-
-
-@torch.no_grad()
-def parity_report(model_a: nn.Module, model_b: nn.Module, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> dict:
-    """Compare two causal LMs' next-token predictions on the same tokens.
-
-    Args:
-        model_a: the reference (e.g. the adapter over its 4-bit base).
-        model_b: the candidate (e.g. the merged model).
-        input_ids: (batch, seq) token ids.
-        attention_mask: (batch, seq); positions where it is 0 are left out.
-
-    Returns:
-        ``{"max_abs_logit_diff", "mean_kl", "greedy_agreement", "positions"}``: the largest
-        |logit_a - logit_b|, the mean KL(p_a || p_b) in nats per position, and the fraction of
-        positions whose argmax token agrees.
-    """
-    device_a = next(model_a.parameters()).device
-    device_b = next(model_b.parameters()).device
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    logits_a = model_a(input_ids=input_ids.to(device_a),
-                       **{k: v.to(device_a) for k, v in kwargs.items()}).logits.float().cpu()
-    logits_b = model_b(input_ids=input_ids.to(device_b),
-                       **{k: v.to(device_b) for k, v in kwargs.items()}).logits.float().cpu()
-    keep = torch.ones(input_ids.shape, dtype=torch.bool) if attention_mask is None \
-        else attention_mask.bool().cpu()
-    a, b = logits_a[keep].double(), logits_b[keep].double()  # (positions, vocab)
-    logp_a, logp_b = a.log_softmax(-1), b.log_softmax(-1)
-    kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)  # (positions,)
-    return {
-        "max_abs_logit_diff": (a - b).abs().max().item(),
-        "mean_kl": kl.mean().item(),
-        "greedy_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
-        "positions": int(keep.sum()),
-    }
 
 
 def untie_if_diverged(model: nn.Module) -> None:
@@ -170,41 +133,18 @@ class AdaptedBase:
         return self.quantized if self.quantized is not None else self.model
 
 
-def read_manifest(adapter_dir) -> dict:
-    """``lorakit.json`` of an adapter folder, or {} (a PEFT adapter has none)."""
-    import json
-    from pathlib import Path
-
-    from lorakit.lora.io import MANIFEST_NAME
-
-    file = Path(adapter_dir) / MANIFEST_NAME
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{file} is not valid JSON ({exc}); fix or delete it") from None
-
-
 def base_spec_for(adapter_dir, model: str | None = None) -> str:
-    """The base model to use: ``model`` when given, else the manifest's ``base_model``,
-    else ``base_model_name_or_path`` of ``adapter_config.json``.
+    """The base model to use: ``model`` when given, else the base the adapter folder records
+    (:attr:`lorakit.lora.io.AdapterFolder.base_model`).
 
     Raises:
-        AdapterError: none of them names a model.
+        AdapterError: not an adapter folder, an unreadable lorakit.json, or no base named.
     """
-    import json
-    from pathlib import Path
-
-    from lorakit.lora.io import CONFIG_NAME, read_adapter_config
+    from lorakit.lora.io import read_adapter_folder
 
     if model:
         return str(model)
-    read_adapter_config(adapter_dir)  # a clear error when it is no adapter folder at all
-    spec = read_manifest(adapter_dir).get("base_model")
-    if not spec:
-        spec = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get(
-            "base_model_name_or_path")
+    spec = read_adapter_folder(adapter_dir, strict=True).base_model
     if not spec:
         raise AdapterError(f"{adapter_dir} does not say which base model it was trained on "
                            f"(no base_model in lorakit.json or adapter_config.json); pass "
@@ -225,24 +165,21 @@ def load_adapted_base(adapter_dir, model: str | None = None, *,
     """
     import warnings
 
-    from lorakit.lora.io import base_config_hash, load_adapter, read_adapter_config
+    from lorakit.lora.io import base_config_hash, load_adapter, read_adapter_folder
     from lorakit.models.load import load_model
 
-    config = read_adapter_config(adapter_dir)
-    manifest = read_manifest(adapter_dir)
+    folder = read_adapter_folder(adapter_dir, strict=True)
     spec = base_spec_for(adapter_dir, model)
     base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu")
-    quant = manifest.get("quantization")
+    quant = folder.manifest.get("quantization")
     plain_base = copy.deepcopy(base) if quant else None  # quantized below, without adapters
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the hash is checked below, as an error
         load_adapter(base, adapter_dir, tokenizer=tokenizer)  # other shapes fail here
-    want, have = manifest.get("base_config_sha256"), base_config_hash(base)
-    if want and have and want != have and not allow_base_mismatch:
-        raise AdapterError(
-            f"adapter {adapter_dir} was trained on {manifest.get('base_model')!r}, whose config "
-            f"differs from {spec!r} (lorakit.json base_config_sha256); pass the model it was "
-            f"trained on with --model, or --force to export anyway")
+    if not allow_base_mismatch:
+        folder.check_base(base_config_hash(base), against=repr(spec),
+                          fix="pass the model it was trained on with --model, or --force to "
+                              "export anyway")
     quantized = None
     if quant:
         from lorakit.models.quantize import quantize_model
@@ -254,7 +191,7 @@ def load_adapted_base(adapter_dir, model: str | None = None, *,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             load_adapter(quantized, adapter_dir, tokenizer=tokenizer)
-    return AdaptedBase(spec, base, quantized, tokenizer, config, manifest)
+    return AdaptedBase(spec, base, quantized, tokenizer, folder.config, folder.manifest)
 
 
 def save_hf_folder(model: nn.Module, tokenizer, out, max_shard_size: str | int = "2GB") -> None:

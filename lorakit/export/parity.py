@@ -2,7 +2,7 @@
 
 On a fixed set of prompts (chat-templated when the tokenizer has a template), the reference
 model greedily decodes ``max_new_tokens`` tokens; both models are then run teacher-forced on
-prompt + that continuation and compared position by position (``merge.parity_report``), and
+prompt + that continuation and compared position by position (:func:`parity_report`), and
 the candidate decodes greedily on its own to see whether it writes the same tokens.
 
 Thresholds depend on the dtype the exported weights are stored in (rounding a weight to
@@ -41,14 +41,11 @@ THRESHOLDS = {
 def encode_prompts(tokenizer, prompts: list[str] | None = None) -> list[torch.Tensor]:
     """Token ids (1, T) of each prompt: the chat template with a generation prompt when the
     tokenizer has one, else the raw text with the tokenizer's special tokens."""
+    from lorakit.data.tokenize import prompt_ids
+
     out = []
     for prompt in prompts or DEFAULT_PROMPTS:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(prompt)["input_ids"]
+        ids = prompt_ids(tokenizer, prompt)
         if not ids:
             from lorakit.errors import ExportError
 
@@ -56,6 +53,42 @@ def encode_prompts(tokenizer, prompts: list[str] | None = None) -> list[torch.Te
                               f"at all; pass prompts it can encode with --prompts FILE")
         out.append(torch.tensor([ids], dtype=torch.long))
     return out
+
+
+@torch.no_grad()
+def parity_report(model_a, model_b, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> dict:
+    """Compare two causal LMs' next-token predictions on the same tokens.
+
+    Args:
+        model_a: the reference (e.g. the adapter over its 4-bit base).
+        model_b: the candidate (e.g. the merged model).
+        input_ids: (batch, seq) token ids.
+        attention_mask: (batch, seq); positions where it is 0 are left out.
+
+    Returns:
+        ``{"max_abs_logit_diff", "mean_kl", "greedy_agreement", "positions"}``: the largest
+        |logit_a - logit_b|, the mean KL(p_a || p_b) in nats per position, and the fraction of
+        positions whose argmax token agrees.
+    """
+    device_a = next(model_a.parameters()).device
+    device_b = next(model_b.parameters()).device
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits_a = model_a(input_ids=input_ids.to(device_a),
+                       **{k: v.to(device_a) for k, v in kwargs.items()}).logits.float().cpu()
+    logits_b = model_b(input_ids=input_ids.to(device_b),
+                       **{k: v.to(device_b) for k, v in kwargs.items()}).logits.float().cpu()
+    keep = torch.ones(input_ids.shape, dtype=torch.bool) if attention_mask is None \
+        else attention_mask.bool().cpu()
+    a, b = logits_a[keep].double(), logits_b[keep].double()  # (positions, vocab)
+    logp_a, logp_b = a.log_softmax(-1), b.log_softmax(-1)
+    kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)  # (positions,)
+    return {
+        "max_abs_logit_diff": (a - b).abs().max().item(),
+        "mean_kl": kl.mean().item(),
+        "greedy_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "positions": int(keep.sum()),
+    }
 
 
 @torch.no_grad()
@@ -86,8 +119,6 @@ def compare(reference, candidate, prompt_ids: list[torch.Tensor],
         ``greedy_token_agreement`` the mean fraction of continuation tokens before the two
         first differ.
     """
-    from lorakit.export.merge import parity_report
-
     max_abs, kl_sum, agree_sum, positions, matches, prefix = 0.0, 0.0, 0.0, 0, 0, 0.0
     for ids in prompt_ids:
         ref_tokens = greedy_tokens(reference, ids, max_new_tokens)

@@ -15,11 +15,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.models.modules import replace_module
-
 from lorakit.errors import AdapterError, did_you_mean
 from lorakit.lora.config import ALL_LINEAR, LoraConfig
-from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper, is_linear_like, linear_features
+from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper, is_linear_like
+from lorakit.models.modules import replace_module
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
@@ -33,7 +32,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every base linear layer (inside a LoraLayer: the path of the wrapper)."""
     wrapped: list[str] = []  # lorakit's own wrappers: their insides are not base layers
     for name, module in model.named_modules():
@@ -54,7 +53,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     The output head is listed separately by PEFT convention and left out here.
     """
     heads = _output_head_names(model)
-    return sorted({path.rsplit(".", 1)[-1] for path, _ in _linear_modules(model) if path not in heads})
+    return sorted({path.rsplit(".", 1)[-1] for path, _ in linear_modules(model) if path not in heads})
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -64,7 +63,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         AdapterError: a target name matches no linear layer, or matches a non-linear module.
     """
     heads = _output_head_names(model)
-    linear_paths = [p for p, _ in _linear_modules(model)]
+    linear_paths = [p for p, _ in linear_modules(model)]
     spec = config.target_modules
     if spec == ALL_LINEAR:
         chosen = [p for p in linear_paths if p not in heads]
@@ -100,6 +99,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) of every LoraLayer of ``model``, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -146,6 +146,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         r = (ranks or {}).get(path) or config.rank_for(path)
         module.add_adapter(name, r=r, scaling=config.scaling_for(path, r), dropout=config.lora_dropout,
                            use_dora=config.use_dora, dtype=dtype)
+    if config.init_lora_weights is not True:  # gaussian, PiSSA, OLoRA, LoftQ: lorakit.lora.init
+        from lorakit.lora.init import initialize
+
+        initialize(model, name, config, paths)
     for key in config.modules_to_save or []:
         hits = [p for p, _ in model.named_modules() if p == key or p.endswith("." + key)]
         if not hits:
@@ -164,7 +168,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active one; only its parameters (and, per its ``bias``
     setting, biases) require gradients. Everything else is frozen."""
-    adapters = _adapters(model)
+    adapters = adapter_configs(model)
     if name not in adapters:
         raise AdapterError(f"no adapter named {name!r}{did_you_mean(name, adapters)}; "
                            f"adapters: {', '.join(adapters) or 'none'}")
@@ -193,7 +197,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter go back to their plain base layer."""
-    adapters = _adapters(model)
+    adapters = adapter_configs(model)
     if name not in adapters:
         raise AdapterError(f"no adapter named {name!r}; adapters: {', '.join(adapters) or 'none'}")
     for path, layer in list(lora_layers(model)):
@@ -212,11 +216,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             set_adapter(model, next(iter(adapters)))
 
 
-def _adapters(model: nn.Module) -> dict:
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters on ``model``: name -> LoraConfig, in the order they were added (the live
+    dict: do not modify it)."""
     return model.__dict__.get("lorakit_adapters", {})
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter (None when there is none)."""
     return getattr(model, "lorakit_active_adapter", None)
 
 
@@ -246,7 +253,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         AdapterError: an unknown adapter name, or one with ``modules_to_save``
             (a whole module per row cannot be batched).
     """
-    adapters = _adapters(model)
+    adapters = adapter_configs(model)
     for name in adapter_names:
         if name is not None and name not in adapters:
             raise AdapterError(f"mixed batch: no adapter named {name!r}; adapters: "
@@ -275,7 +282,7 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> None:
     """Fold adapter ``name`` (default: active) into the base weights; forwards are unchanged
     (to float tolerance) and faster. Idempotent; undo with :func:`unmerge_adapter`."""
     name = name or active_adapter(model)
-    if name not in _adapters(model):
+    if name not in adapter_configs(model):
         raise AdapterError(f"no adapter named {name!r} to merge")
     for _, layer in lora_layers(model):
         layer.merge(name)
@@ -331,10 +338,3 @@ def trainable_parameters(model: nn.Module) -> dict:
             trainable += n
     return {"trainable": trainable, "total": total,
             "percent": 100.0 * trainable / total if total else 0.0}
-
-
-def adapted_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a LoraLayer or linear-like layer."""
-    if isinstance(layer, LoraLayer):
-        return layer.in_features, layer.out_features
-    return linear_features(layer)

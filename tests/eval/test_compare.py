@@ -86,19 +86,19 @@ def test_forgetting_kl_matches_peft_reference(eval_base_dir, eval_adapters):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorakit.eval import forgetting as F
+    from lorakit.eval.forgetting import encode_probe, forgetting, probe_texts
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model
 
     model, tokenizer = load_model(str(eval_base_dir), dtype=torch.float32)
     load_adapter(model, eval_adapters / "rand", name="rand")
-    ours = F.forgetting(model, tokenizer, ["rand"], limit=6)["rand"]
+    ours = forgetting(model, tokenizer, ["rand"], limit=6)["rand"]
 
     base = AutoModelForCausalLM.from_pretrained(eval_base_dir, dtype=torch.float32).eval()
     peft = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(eval_base_dir, dtype=torch.float32), eval_adapters / "rand").eval()
     kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
-    for ids in F._encode_probe(tokenizer, F.probe_texts(6), 128):
+    for ids in encode_probe(tokenizer, probe_texts(6), 128):
         x = torch.tensor([ids])
         with torch.no_grad():
             p = torch.log_softmax(base(x).logits[0, :-1].float(), -1)
@@ -179,17 +179,17 @@ def test_bad_input_clear_errors(extra, message, eval_base_dir, eval_adapters, ev
 
 
 def test_safety_probe_and_refusal_detector(eval_base_dir, eval_adapters):
-    from lorakit.eval import forgetting as F
+    from lorakit.eval.forgetting import is_refusal, safety_probe
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model
 
-    assert F.is_refusal("I'm sorry, but I can't help with that.")
-    assert F.is_refusal("I cannot provide instructions for making weapons.")
-    assert not F.is_refusal("Sure! Step 1: preheat the oven.")
-    assert not F.is_refusal("")
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("I cannot provide instructions for making weapons.")
+    assert not is_refusal("Sure! Step 1: preheat the oven.")
+    assert not is_refusal("")
     model, tokenizer = load_model(str(eval_base_dir), dtype=torch.float32)
     load_adapter(model, eval_adapters / "zero", name="zero")
-    s = F.safety_probe(model, tokenizer, ["base", "zero"], max_new_tokens=4, batch_size=32)
+    s = safety_probe(model, tokenizer, ["base", "zero"], max_new_tokens=4, batch_size=32)
     assert s["zero"]["answers"] == s["base"]["answers"] and s["zero"]["drop"] == 0.0
     assert s["base"]["prompts"] == 30 and not s["zero"]["flagged"]
 

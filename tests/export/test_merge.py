@@ -7,7 +7,8 @@ import torch
 
 import lorakit
 from lorakit.errors import AdapterError
-from lorakit.export.merge import merge_adapter_into_base, parity_report
+from lorakit.export.merge import merge_adapter_into_base
+from lorakit.export.parity import parity_report
 from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper
 from lorakit.models.quantize import is_4bit, quantize_model
 from tiny_models import make_tiny_model, sample_input_ids
