@@ -1,7 +1,9 @@
-"""The ``lorakit`` command: parses arguments and dispatches. No logic lives here.
+"""The ``lorakit`` command: builds the parser and dispatches.
 
-Each feature area contributes its sub-commands through a small ``add_parsers(subparsers)``
-function in its own ``cli`` module, so this file only lists them.
+Every area (models, data, train, ...) adds its sub-commands through ``add_parsers(subparsers)``
+in its own ``cli`` module, named in ``_COMMAND_MODULES``; the commands' work lives there. This
+file only joins ``key=value`` overrides written after options, and turns a
+:class:`~lorakit.errors.LorakitError` into ``error: ...`` and exit code 2 (Ctrl-C: 130).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ _COMMAND_MODULES = [
     "lorakit.eval.cli",
     "lorakit.export.cli",
     "lorakit.serve.cli",
+    "lorakit.jobs.cli",  # adds --state-dir to `serve`: after lorakit.serve.cli
     "lorakit.plan.cli",
+    "lorakit.lora.cli",
+    "lorakit.recipes.cli",
 ]
 
 
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a feature area not built yet
+        except ModuleNotFoundError as exc:  # an area this install leaves out: no commands
             if exc.name != name:
                 raise
             continue

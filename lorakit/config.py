@@ -55,21 +55,36 @@ class LoraSection(_Section):
     bias: Literal["none", "lora_only", "all"] = "none"
     modules_to_save: Optional[list[str]] = None
     layers_to_transform: Optional[list[int]] = None
+    # how A and B start (PEFT's init_lora_weights; docs/lora.md): pissa / olora move part of the
+    # base into the adapter, loftq fits the adapter to a 4-bit base's quantization error
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
 
     def to_lora_config(self):
         from lorakit.lora.config import LoraConfig
+        from lorakit.lora.config import RUN_CONFIG_INITS
 
         return LoraConfig.create(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=self.target_modules, use_rslora=self.rslora, use_dora=self.dora,
             bias=self.bias, modules_to_save=self.modules_to_save,
-            layers_to_transform=self.layers_to_transform)
+            layers_to_transform=self.layers_to_transform,
+            init_lora_weights=RUN_CONFIG_INITS[self.init])
 
 
 class QuantizationSection(_Section):
     type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+
+
+class ReplaySection(_Section):
+    """Rehearsal against forgetting (``lorakit/data/replay.py``, docs/eval.md): general
+    examples mixed into the training data at ``fraction`` of its tokens."""
+
+    fraction: float = Field(0.0, ge=0, lt=1)  # replay tokens / all training tokens; 0 = off
+    # null: the base model's own greedy answers to lorakit's bundled general instructions
+    # (generated once, cached); a path: your own replay file (any training format)
+    file: Optional[str] = None
 
 
 class DataSection(_Section):
@@ -80,6 +95,7 @@ class DataSection(_Section):
     max_length: int = Field(1024, gt=8)
     packing: bool = True
     train_on: Literal["last_turn", "all_assistant", "everything"] = "all_assistant"
+    replay: ReplaySection = Field(default_factory=ReplaySection)
 
 
 class TrainSection(_Section):
@@ -139,6 +155,10 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(128, gt=0)
     forgetting: bool = True  # KL / perplexity change on the bundled general-text probe
     probe_limit: Optional[int] = Field(32, gt=0)
+    # the prompt baseline: the base with K data.train examples before each question (row
+    # base-<K>shot); null = 3 when data.train is set, 0 = off (lorakit/eval/fewshot.py)
+    few_shot: Optional[int] = Field(None, ge=0)
+    few_shot_select: Literal["first", "random", "similar"] = "similar"
 
 
 class RunConfig(_Section):
@@ -165,6 +185,19 @@ class RunConfig(_Section):
     def _init_adapter_needs_dpo(self):
         if self.init_adapter is not None and self.method != "dpo":
             raise ValueError(f"init_adapter is used by method: dpo (method is {self.method!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_the_base(self):
+        if self.lora.init == "loftq" and not self.quantized:
+            raise ValueError("lora.init: loftq initialises the adapter from a 4-bit base's "
+                             "quantization error; use it with method: qlora")
+        if self.lora.init in ("pissa", "olora") and self.quantized:
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, which a "
+                             f"4-bit base cannot take; with QLoRA use lora.init: loftq")
+        if self.lora.init in ("pissa", "olora") and self.method == "dpo":
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, but DPO's "
+                             f"reference is the base itself; use it for the SFT run instead")
         return self
 
     @property

@@ -135,6 +135,7 @@ def add_parsers(subparsers) -> None:
                       help="force --max-lora-rank (default: the smallest allowed >= the ranks)")
     vllm.add_argument("--json", action="store_true", help="print everything as one JSON object")
     vllm.set_defaults(func=run_export_vllm)
+    _add_ollama_parser(targets)
 
     check = subparsers.add_parser(
         "check-adapter", help="lint an adapter for vLLM, llama.cpp or PEFT before deploying",
@@ -271,4 +272,48 @@ def run_export_vllm(args) -> int:
     print("# POST /v1/load_lora_adapter bodies (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True):")
     for body in result["load_lora_adapter"]:
         print(json.dumps(body))
+    return 0
+
+
+# ---------------------------------------------------------------------- export ollama
+def _add_ollama_parser(targets) -> None:
+    ollama = targets.add_parser(
+        "ollama", help="a GGUF plus a Modelfile (chat template, stop tokens) for ollama create",
+        description="Write FOLDER/model.gguf (the merged model, exactly as `export gguf` writes "
+                    "and checks it) and FOLDER/Modelfile: FROM ./model.gguf, the chat template "
+                    "translated to Ollama's Go template syntax (ChatML: SmolLM2, Qwen; Llama-3; "
+                    "Mistral; Phi-3; Gemma), its default system prompt as SYSTEM, and PARAMETER "
+                    "stop for the end-of-turn tokens. The translation is checked first: on "
+                    "sample conversations it must render exactly what the tokenizer's "
+                    "apply_chat_template renders, else nothing is written and the exit status "
+                    "is 2 (unless --force). Then: ollama create NAME -f FOLDER/Modelfile.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lorakit export ollama --adapter runs/demo/adapter --out demo-ollama/\n"
+               "  ollama create demo -f demo-ollama/Modelfile && ollama run demo\n"
+               "  lorakit export ollama --model smollm2-135m-instruct --out smol-ollama/")
+    ollama.add_argument("--adapter", metavar="DIR",
+                        help="the adapter folder (omit to export the --model base alone)")
+    ollama.add_argument("--model", metavar="MODEL", help=_MODEL_HELP)
+    ollama.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
+    ollama.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor type of the GGUF weights (default: f16)")
+    ollama.add_argument("--no-check", action="store_true",
+                        help="skip the GGUF's greedy-decoding check (the template check stays)")
+    _common_out_flags(ollama)
+    ollama.set_defaults(func=run_export_ollama)
+
+
+def run_export_ollama(args) -> int:
+    """``lorakit export ollama``."""
+    from lorakit.export.ollama import export_ollama
+
+    result = export_ollama(args.adapter, args.out, args.model, out_type=args.type,
+                           force=args.force, overwrite=args.overwrite, check=not args.no_check,
+                           prompts=_read_prompts(args.prompts),
+                           max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['gguf']} and {result['modelfile']} ({result['family']} template, "
+              f"checked on {result['template_checked']} conversations)\nnext: {result['command']}")
     return 0

@@ -16,22 +16,33 @@ from lorakit.errors import ConfigError, did_you_mean
 
 ALL_LINEAR = "all-linear"
 
-# PEFT keys that carry no meaning for plain LoRA adapters, or only describe their defaults;
-# accepted when reading a PEFT adapter_config.json and otherwise ignored.
-_PEFT_IGNORED_KEYS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "init_lora_weights", "fan_in_fan_out", "layers_pattern", "loftq_config",
-    "megatron_config", "megatron_core", "peft_version", "eva_config", "corda_config",
-    "exclude_modules", "target_parameters", "trainable_token_indices", "qalora_group_size",
-    "alora_invocation_tokens", "arrow_config", "kasa_config", "lora_ga_config",
-    "monteclora_config", "use_bdlora", "ensure_weight_tying", "layer_replication", "lora_bias",
-    "use_qalora", "velora_config",
-}
 # PEFT features that change the maths; an adapter using them cannot be loaded faithfully.
 _PEFT_UNSUPPORTED = {
     "lora_bias": False, "use_qalora": False, "layer_replication": None,
     "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
 }
+
+
+# `lora.init` in a run config -> PEFT's init_lora_weights
+RUN_CONFIG_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora",
+                    "loftq": "loftq"}
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def check_init(value) -> bool | str:
+    """Validate a PEFT ``init_lora_weights`` value lorakit can compute.
+
+    Raises:
+        ValueError: anything else (the message lists the accepted values).
+    """
+    if value is True or value is False:
+        return value
+    if isinstance(value, str) and (value in ("gaussian", "pissa", "olora", "loftq")
+                                   or _PISSA_NITER.fullmatch(value)):
+        return value
+    raise ValueError(f"init_lora_weights must be true, false, 'gaussian', 'pissa', "
+                     f"'pissa_niter_K', 'olora' or 'loftq' (got {value!r})")
+
 
 
 class LoraConfig(BaseModel):
@@ -53,6 +64,11 @@ class LoraConfig(BaseModel):
         layers_to_transform: only adapt these decoder-layer indices.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha (PEFT semantics:
             the key is a regex matched against the end of the module path).
+        init_lora_weights: how A and B start (PEFT's values): ``True`` (A Kaiming, B zero),
+            ``"gaussian"``, ``"pissa"`` / ``"pissa_niter_K"``, ``"olora"``, ``"loftq"`` (4-bit
+            base); see ``lorakit.lora.init``.
+        loftq_config: PEFT's ``{"loftq_bits": 4, "loftq_iter": 1}`` (the only values lorakit
+            supports: the 4-bit base keeps its own codes).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -68,6 +84,13 @@ class LoraConfig(BaseModel):
     layers_to_transform: Optional[list[int]] = None
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    init_lora_weights: Union[bool, str] = True
+    loftq_config: dict = Field(default_factory=dict)
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _init(cls, v):
+        return check_init(v)
 
     @field_validator("r")
     @classmethod
@@ -135,7 +158,17 @@ class LoraConfig(BaseModel):
         for key, neutral in _PEFT_UNSUPPORTED.items():
             if data.get(key, neutral) not in (neutral, {}, []):
                 raise ConfigError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
+        init = data.get("init_lora_weights", True)
+        if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda")):
+            raise ConfigError(
+                f"{source}: init_lora_weights={init!r}: this adapter was saved without "
+                f"conversion, so its weights only fit the residual base its initialisation made, "
+                f"not the original model. Re-save it with PEFT's save_pretrained(..., "
+                f"path_initial_model_for_weight_conversion=...) (lorakit converts when it saves)")
         fields = {k: v for k, v in data.items() if k in cls.model_fields and v is not None}
+        # the file holds the weights: how they were first initialised no longer matters
+        fields.pop("init_lora_weights", None)
+        fields.pop("loftq_config", None)
         if isinstance(fields.get("target_modules"), list):  # PEFT stores a set: order is noise
             fields["target_modules"] = sorted(fields["target_modules"])
         return cls.create(**fields)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, did_you_mean
 from lorakit.lora.config import ALL_LINEAR, LoraConfig
-from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper, is_linear_like
+from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper, is_linear_like, lora_layers  # noqa: F401
 from lorakit.models.modules import replace_module
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -96,13 +96,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not chosen:
             raise AdapterError(f"layers_to_transform={config.layers_to_transform} selects no layer")
     return chosen
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(path, layer) of every LoraLayer of ``model``, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
 
 
 def _wrappers(model: nn.Module) -> Iterator[ModulesToSaveWrapper]:

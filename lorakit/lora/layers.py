@@ -27,6 +27,7 @@ never merged into it: ``lorakit.export.merge`` merges into a dequantized copy.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,9 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[str | None] | None = None
         self._dora_norms: dict[str, torch.Tensor] = {}  # row norms used when merging DoRA
+        # (A_0, B_0) of adapters whose initialisation moved part of the base into them (PiSSA,
+        # OLoRA; lorakit.lora.init): saving turns such an adapter into one for the original base
+        self.initial_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
@@ -107,6 +111,7 @@ class LoraLayer(nn.Module):
             if name in store:
                 del store[name]
         self.scaling.pop(name, None)
+        self.initial_weights.pop(name, None)
         self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
@@ -345,3 +350,10 @@ class ModulesToSaveWrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.active_module(), name)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) of every LoraLayer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module

@@ -222,19 +222,27 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
             name: "auto", "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16".
         device: where to put the model; None = CUDA when available, else CPU.
         quantization: None, "nf4" or "fp4": the linear layers inside the decoder blocks become
-            bitsandbytes 4-bit layers (block size 64; see ``lorakit.models.quantize``).
+            bitsandbytes 4-bit layers (block size 64; see ``lorakit.models.quantize``) as the
+            checkpoint is read: the dense model never exists (``lorakit.models.stream``).
         double_quant: quantize the 4-bit absmax constants too (QLoRA's double quantization).
         compute_dtype: dtype 4-bit layers compute in (None: bf16 on capable CUDA, else fp32).
         device_map: None (everything on ``device``), or "auto" / "balanced" / "sequential" / a
             dict: accelerate places whole decoder blocks across the visible GPUs (then CPU) in
             one process, as transformers' ``device_map`` does; ``device`` is then ignored.
 
+    A safetensors checkpoint (a folder, the GGUF cache, a hub id already in the local cache)
+    is streamed: built in ``dtype`` (or 4-bit) one tensor at a time, peak memory about the
+    loaded model plus one tensor. With ``device_map``, ``.bin`` weights or tensor names that
+    need transformers' conversions, ``from_pretrained`` loads the dense model and
+    ``quantize_model`` quantizes it afterwards.
+
     Returns:
         ``(model, tokenizer)``; the model has ``lorakit_spec`` and ``lorakit_quantization``.
 
     Raises:
         ConfigError: an unknown dtype name.
-        ModelLoadError: the spec cannot be resolved or loaded.
+        ModelLoadError: the spec cannot be resolved or loaded; a shard is missing, truncated or
+            does not match the config (the message names the file and the tensor).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -243,28 +251,75 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     torch_dtype = resolve_dtype(dtype, device)
     resolved = resolve_spec(spec)
     source = _hf_source(resolved)
-    placed = {"device_map": device_map} if device_map is not None else {}
-    model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype, **placed)
-    tokenizer = _from_pretrained(AutoTokenizer, resolved, source)
-    if device_map is None:
-        model.to(device)
-    model.lorakit_quantization = None
+    tokenizer = _from_pretrained(AutoTokenizer, resolved, source)  # fails fast, before weights
+    quant = None
     if quantization is not None:
-        from lorakit.models.quantize import quantize_model
+        from lorakit.models.quantize import resolve_compute_dtype
 
-        quantize_model(model, quant_type=quantization, double_quant=double_quant,
-                       compute_dtype=compute_dtype)  # sets model.lorakit_quantization
+        quant = {"type": quantization, "double_quant": bool(double_quant), "block_size": 64,
+                 "compute_dtype": resolve_compute_dtype(compute_dtype, device)}
+    model = None
+    if device_map is None:
+        model = _load_streaming(resolved, source, torch_dtype, device, quant)
+    if model is None:  # device_map placement, .bin weights, names needing conversion
+        placed = {"device_map": device_map} if device_map is not None else {}
+        model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype,
+                                 **placed)
+        if device_map is None:
+            model.to(device)
+        model.lorakit_quantization = None
+        if quantization is not None:
+            from lorakit.models.quantize import quantize_model
+
+            quantize_model(model, quant_type=quantization, double_quant=double_quant,
+                           compute_dtype=compute_dtype)  # sets model.lorakit_quantization
     model.eval()
     model.lorakit_spec = resolved.spec
     return model, tokenizer
 
 
-def _render_prompt(tokenizer, prompt: str, system: str | None) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt if system is None else f"{system}\n\n{prompt}"
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _local_folder(resolved: ResolvedSpec, source: str) -> Path | None:
+    """The folder holding the model's files: a local folder, the GGUF cache entry, or a hub
+    id's snapshot in the local Hugging Face cache (None when it is not there yet)."""
+    if resolved.kind != "hub":
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(resolved.spec, local_files_only=True))
+    except Exception:  # not cached (or not fully): from_pretrained fetches it
+        return None
+
+
+def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: dict | None):
+    """The model built tensor by tensor from its safetensors shards (``lorakit.models.stream``),
+    or None when this checkpoint is one for ``from_pretrained``. Checks every shard first."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from lorakit.models import stream
+
+    folder = _local_folder(resolved, source)
+    if folder is None:
+        return None
+    layout = stream.checkpoint_layout(folder)  # missing or corrupt shards: ModelLoadError here
+    if layout is None:
+        return None
+    config = _from_pretrained(AutoConfig, resolved, str(folder))
+    if dtype == "auto":
+        named = getattr(config, "dtype", None)
+        if isinstance(named, str):
+            named = getattr(torch, named.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else layout.float_dtype() or torch.float32
+    model = stream.load_streaming(layout, config, dtype=dtype, device=device, quantization=quant)
+    if model is None:
+        return None
+    if (folder / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load {resolved.spec!r}: {exc}") from exc
+    return model
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128,
@@ -287,11 +342,13 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128,
     """
     import torch
 
+    from lorakit.data.tokenize import prompt_text
+
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    text = _render_prompt(tokenizer, prompt, system)
+    text = prompt_text(tokenizer, prompt, system)
     # the template already holds the special tokens (BOS etc.); don't add them twice
     has_template = bool(getattr(tokenizer, "chat_template", None))
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not has_template)
@@ -308,9 +365,9 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 128,
 
 
 def _linear_layer_names(model) -> list[str]:
-    from lorakit.lora.inject import linear_layer_names
-
-    return list(linear_layer_names(model))
+    """The distinct short names of the block linears (what ``target_modules`` takes), sorted;
+    models/ sits below lora/, so this does not ask lora.inject."""
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in _block_linears(model)})
 
 
 def _block_linears(model):
@@ -331,7 +388,7 @@ def _memory_bytes(model) -> dict[str, int]:
     return {"32-bit": total * 4, "16-bit": total * 2, "4-bit": int(round(four_bit / 8))}
 
 
-def _meta_model(resolved: ResolvedSpec):
+def meta_model(resolved: ResolvedSpec):
     """Build the model from its config on the meta device (no weights read or allocated)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -366,7 +423,7 @@ def model_info(spec_or_model, *, tokenizer=None) -> dict:
     else:
         resolved = resolve_spec(spec_or_model)
         spec = resolved.spec
-        model, dtype = _meta_model(resolved)
+        model, dtype = meta_model(resolved)
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(spec_or_model)
