@@ -9,26 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 
 SQL_DIR = Path(__file__).parent / "sql"  # shop.db, train.jsonl, eval.jsonl, build.py
+SQL_CONFIG = Path(__file__).parent / "sql.yaml"  # the run config (examples/sql.yaml is a copy)
+# the paths in SQL_CONFIG are relative to the folder holding the lorakit package
+_PACKAGE_PARENT = Path(__file__).parent.parent.parent
+_PATH_KEYS = (("data", "train"), ("data", "eval"), ("eval", "sql_db"))
 
 
 def example_config() -> dict:
-    """The bundled example's run config (a dict, before overrides and validation).
+    """The bundled example's run config (a dict, before overrides and validation): the YAML
+    file ``SQL_CONFIG``, with its data and database paths made absolute for this install."""
+    import yaml
 
-    One example per row (``packing: False``): the examples are short (~107 tokens), and
-    packing 2-3 per row halved the optimizer steps; unpacked, the demo reached 77% execution
-    accuracy instead of 56% in slightly less time (docs/benchmarks.md)."""
-    return {
-        "model": "smollm2-135m-instruct",
-        "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"train": str(SQL_DIR / "train.jsonl"), "eval": str(SQL_DIR / "eval.jsonl"),
-                 "max_length": 256, "packing": False, "train_on": "all_assistant"},
-        "train": {"epochs": 2, "batch_size": 8, "grad_accum": 1, "lr": 2.0e-4,
-                  "scheduler": "cosine", "warmup": 0.03, "precision": "auto", "seed": 0},
-        "eval": {"metric": "sql", "sql_db": str(SQL_DIR / "shop.db"), "limit": 100,
-                 "max_new_tokens": 64, "probe_limit": 32},
-        "output_dir": None,
-    }
+    config = yaml.safe_load(SQL_CONFIG.read_text())
+    for section, key in _PATH_KEYS:
+        value = config[section][key]
+        if value and not Path(value).is_absolute():
+            config[section][key] = str(_PACKAGE_PARENT / value)
+    return config
 
 
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

@@ -16,14 +16,15 @@ Fine-tune a model with LoRA, QLoRA or full fine-tuning, or align it with DPO.
   lorakit train examples/dpo.yaml             # DPO on preference pairs (docs/dpo.md)
 
 Config keys (YAML, or dotted key=value overrides):
-  model, method (lora|qlora|full|dpo), output_dir, resume, init_adapter (dpo: SFT adapter),
+  model, method (lora|qlora|full|dpo|orpo|simpo|kto), output_dir, resume, init_adapter (dpo: SFT adapter),
   lora.{r, alpha, dropout, target_modules, rslora, dora, bias, modules_to_save},
   quantization.{type, double_quant, compute_dtype},
   data.{train, eval, eval_fraction, format, max_length, packing, train_on},
   train.{epochs, max_steps, batch_size, grad_accum, lr, scheduler, warmup, weight_decay,
          max_grad_norm, precision, grad_checkpointing, seed, eval_every, save_every,
          keep_checkpoints, early_stopping_patience, log_every, report_to, strategy},
-  dpo.{beta, loss (sigmoid|ipo|hinge), label_smoothing, sft_weight, precompute_reference},
+  dpo.{beta, loss (sigmoid|ipo|hinge), label_smoothing, sft_weight, precompute_reference,
+      simpo_gamma, desirable_weight, undesirable_weight}  (also orpo, simpo, kto: docs/dpo.md),
   model.{name, device_map}  (model: NAME is short for model.name)
 The run folder gets config.yaml, adapter/, checkpoints/, metrics.jsonl, loss.png, summary.json.
 """
@@ -87,16 +88,17 @@ def _train(args) -> int:
             base["data"]["eval"] = None
             base.pop("eval", None)
     cfg = load_config(path, overrides, base=base)
-    if cfg.method == "dpo":
+    if cfg.method in ("dpo", "orpo", "simpo", "kto"):  # lorakit.config.PREFERENCE_METHODS
         from lorakit.errors import ConfigError
         from lorakit.train.dpo import train
 
         if args.nproc is not None and args.nproc > 1:
-            raise ConfigError("method: dpo runs in one process; drop --nproc")
+            raise ConfigError(f"method: {cfg.method} runs in one process; drop --nproc")
     if launched_rank() == 0:
         from lorakit.plan.preflight import preflight
 
-        preflight(cfg, strict=args.strict_memory, log=lambda m: print(m, file=sys.stderr))
+        preflight(cfg, strict=args.strict_memory, log=lambda m: print(m, file=sys.stderr),
+                  processes=args.nproc or 1)
     if args.nproc is not None:  # config checked above; now the same command in N processes
         from lorakit.train.distributed import launch
 
@@ -118,28 +120,20 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     Only for adapters (lora / qlora) with a held-out file of prompt + reference answers; the
     base is the same loaded model with the adapter switched off. Returns the eval result.
     """
-    import sys
-
     from lorakit.eval.compare import compare, format_table
     from lorakit.eval.report import write_report
     from lorakit.lora.io import load_adapter
-    from lorakit.models.load import load_model
+    from lorakit.train import common
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if cfg.method not in ("lora", "qlora") or not cfg.data.eval:
         return None
     log(f"base vs tuned on {cfg.data.eval} (first {cfg.eval.limit or 'all'} examples, metric "
         f"{cfg.eval.metric}; eval.after_train=false skips this)")
-    from lorakit.train import common
-
     device = common.default_device()
     precision = common.resolve_precision(cfg.train.precision, device)
-    kwargs = {}
-    if cfg.method == "qlora":  # scored on the 4-bit base it was trained on
-        q = cfg.quantization
-        kwargs = dict(quantization=q.type, double_quant=q.double_quant, compute_dtype=q.compute_dtype)
-    model, tokenizer = load_model(cfg.model, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(
-        precision, "float32"), device=device, device_map=cfg.device_map, **kwargs)
+    # the base the run trained on: 4-bit when cfg.quantized (QLoRA), in the run's precision
+    model, tokenizer = common.load_base_for_config(cfg, device, precision)
     name = result.run_dir.name or "tuned"
     load_adapter(model, result.adapter_dir, name=name, tokenizer=tokenizer)
     outcome = compare(model, tokenizer, cfg.data.eval, adapters=[name], metrics=[cfg.eval.metric],

@@ -1,8 +1,11 @@
-"""What every training recipe shares: precision, the loss, optimizer and schedule,
-checkpoints that resume exactly, the metrics log, progress, and stop signals.
+"""What every training recipe shares: the base model for a config, the train / eval data
+files, precision, the loss, optimizer and schedule, the data order, checkpoints that resume
+exactly, the end of a step (periodic checkpoint, stop on request or by early stopping), the
+NaN guard, stop signals, out-of-memory advice, and the finished run's adapter folder.
 
-Recipes (``sft.py``, later ``dpo.py``) read top to bottom and call into here; nothing in
-this file knows which method is running.
+The recipes (``sft.py``, ``dpo.py``) read top to bottom and call into here, and into
+``report.py`` for the metrics log, TensorBoard, progress and plots; nothing in this file
+knows which method is running.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import random
 import shutil
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError, DataError, LorakitError
 
 IGNORE_INDEX = -100
 
@@ -33,14 +35,100 @@ class TrainingError(LorakitError):
     """Training stopped on a problem the user must fix (NaN loss, out of memory, bad data)."""
 
 
+@dataclass
+class TrainResult:
+    """What a recipe's ``train`` returns: the run folder, its adapter (or full model) folder,
+    the summary written to ``summary.json`` (empty when interrupted), and how it ended."""
+
+    run_dir: Path
+    adapter_dir: Path
+    summary: dict
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------- the base model
+def load_base_for_config(cfg, device: torch.device | None = None, precision: str = "fp32"):
+    """The base model and tokenizer a run trains on (or is scored on after training): the one
+    place that turns a run config into a :func:`lorakit.models.load.load_model` call.
+
+    Args:
+        cfg: the :class:`~lorakit.config.RunConfig`: ``model``, ``model.device_map``, and
+            ``quantization`` when ``cfg.quantized`` (QLoRA, or DPO with a quantization section).
+        device: where the weights go (None: CUDA when available, else CPU); ignored when
+            ``model.device_map`` places them.
+        precision: the resolved ``train.precision`` (see :func:`resolve_precision`).
+
+    Returns:
+        ``(model, tokenizer)``: the base in bf16 / fp16 for those precisions and float32
+        otherwise, and always float32 for ``method: full`` (the optimizer updates those
+        weights); 4-bit linear layers when quantized. No adapter yet.
+
+    Raises:
+        ModelLoadError / ConfigError: as :func:`~lorakit.models.load.load_model` does.
+    """
+    from lorakit.models.load import load_model
+
+    dtype = torch.float32
+    if cfg.method != "full":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs = {}
+    if cfg.quantized:
+        q = cfg.quantization
+        kwargs = dict(quantization=q.type, double_quant=q.double_quant,
+                      compute_dtype=q.compute_dtype)
+    return load_model(cfg.model, dtype=dtype, device=device, device_map=cfg.device_map, **kwargs)
+
+
+def ready_to_train(model: nn.Module, cfg) -> None:
+    """Gradient checkpointing when ``train.grad_checkpointing``, then train mode."""
+    if cfg.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+# ---------------------------------------------------------------------- data files
+def load_train_and_eval(cfg, log, *, expected: str) -> tuple[list, list]:
+    """The examples of ``data.train`` and the held-out ones: ``data.eval``, else a seeded
+    ``data.eval_fraction`` split of the train file, else none. Bad lines are skipped (the
+    first five named in the log).
+
+    Args:
+        expected: what ``data.train`` should be, for the error when it is not set.
+
+    Raises:
+        ConfigError: ``data.train`` is not set.
+        DataError: a file is missing or holds no valid example.
+    """
+    from lorakit.data.split import split_train_eval
+
+    if not cfg.data.train:
+        raise ConfigError(f"data.train is not set: give {expected}")
+    train = _read_examples(cfg.data.train, cfg, log)
+    if cfg.data.eval:
+        return train, _read_examples(cfg.data.eval, cfg, log)
+    if cfg.data.eval_fraction:
+        return split_train_eval(train, cfg.data.eval_fraction, seed=cfg.train.seed)
+    return train, []
+
+
+def _read_examples(path, cfg, log) -> list:
+    from lorakit.data.formats import load_examples
+
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist")
+    result = load_examples(path, format=cfg.data.format)
+    for issue in result.errors[:5]:
+        log(f"skipped: {issue}")
+    if len(result.errors) > 5:
+        log(f"... {len(result.errors) - 5} more bad lines skipped (see `lorakit data check {path}`)")
+    if not result.examples:
+        first = f"; the first: {result.errors[0]}" if result.errors else ""
+        raise DataError(f"{path}: no valid example (checked {len(result.errors)} bad lines{first})")
+    return result.examples
+
+
 # ---------------------------------------------------------------------- precision
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-              getattr(torch.cpu, "_is_amx_tile_supported", None)]
-    return any(check() for check in checks if check is not None)
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where the hardware runs it natively, else ``fp32``."""
     if precision != "auto":
@@ -135,6 +223,28 @@ def build_scheduler(optimizer, kind: str, warmup: float, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_and_scheduler(model: nn.Module, cfg, total_steps: int):
+    """The optimizer and learning-rate schedule the ``train`` section describes."""
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    return optimizer, build_scheduler(optimizer, t.scheduler, t.warmup, total_steps)
+
+
+def optimizer_step(optimizer, scheduler, clip_grad_norm=None) -> tuple[float, float | None]:
+    """Clip (when ``clip_grad_norm`` is given: a function returning the norm before clipping),
+    step the optimizer and the schedule, clear the gradients.
+
+    Returns:
+        ``(lr, grad_norm)``: the learning rate this step used, the gradient norm or None.
+    """
+    grad_norm = clip_grad_norm() if clip_grad_norm is not None else None
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
 # ---------------------------------------------------------------------- data order
 @dataclass
 class DataOrder:
@@ -159,6 +269,20 @@ class DataOrder:
         return micro_index / self.micro_per_epoch
 
 
+def micro_batches(order: DataOrder, start: int, count: int) -> Iterator[tuple[int, list[int]]]:
+    """``(micro index, rows)`` of the ``count`` micro-batches from ``start`` on."""
+    for i in range(start, start + count):
+        yield i, order.rows(i)
+
+
+def count_steps(cfg, order: DataOrder) -> tuple[int, int]:
+    """``(micro-batches, optimizer steps)`` of the whole run: ``train.max_steps`` if set, else
+    ``train.epochs`` over the data; the last step may accumulate fewer micro-batches."""
+    micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
+                   else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
+    return micro_total, -(-micro_total // cfg.train.grad_accum)
+
+
 # ---------------------------------------------------------------------- state and checkpoints
 @dataclass
 class LoopState:
@@ -175,6 +299,14 @@ class LoopState:
     last_eval_loss: float | None = None
     history: list = field(default_factory=list)  # (step, loss, eval_loss) for the plot
     micro_rows: int | None = None  # rows per global micro-batch (batch_size x processes)
+
+    def count_step(self, micro: int, supervised: int, loss: float) -> None:
+        """An optimizer step is done: ``micro`` micro-batches holding ``supervised`` tokens
+        (pairs, for DPO), with this loss."""
+        self.step += 1
+        self.micro_index += micro
+        self.supervised_seen += supervised
+        self.last_loss = loss
 
 
 def _rng_state() -> dict:
@@ -265,89 +397,7 @@ def load_checkpoint(folder: Path, optimizer, scheduler) -> LoopState:
     return LoopState(**json.loads(state["loop"]))
 
 
-# ---------------------------------------------------------------------- metrics log
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step, flushed as it is written. On
-    resume, records after the checkpoint's step are dropped so the log has no duplicates."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        elif resume_step is None and path.exists():
-            path.unlink()
-        self._file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def plot_losses(history: list, path: Path, title: str) -> None:
-    """Train and eval loss curves to a PNG (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    train = [(s, l) for s, l, _ in history if l is not None]
-    evals = [(s, e) for s, _, e in history if e is not None]
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="#d62728", marker="o", linewidth=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over supervised tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def plot_metrics(metrics_path: Path, keys: list[str], path: Path, title: str,
-                 ylabel: str) -> bool:
-    """Curves of ``keys`` read back from ``metrics.jsonl`` (so a resumed run plots its whole
-    history) to a PNG. Returns False, writing nothing, when no record holds any of them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()
-               if line.strip()]
-    series = {k: [(r["step"], r[k]) for r in records if r.get(k) is not None] for k in keys}
-    if not any(series.values()):
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, points in series.items():
-        if points:
-            ax.plot(*zip(*points), label=key, marker="o" if key.startswith("eval") else None,
-                    linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
+# ---------------------------------------------------------------------- the end of a step
 def check_finite(loss: float, step: int, run_dir: Path, lr: float) -> None:
     """The NaN guard: raise :class:`TrainingError` naming the last good checkpoint when the
     step's loss is not finite (call it before the optimizer step)."""
@@ -357,6 +407,57 @@ def check_finite(loss: float, step: int, run_dir: Path, lr: float) -> None:
     raise TrainingError(f"loss became {loss} at step {step}; training stopped. "
                         + (f"The last good checkpoint is {last}. " if last else "")
                         + f"Lower train.lr (now {lr}) or check the data.")
+
+
+def early_stopping(loop: LoopState, eval_loss: float, cfg) -> bool:
+    """Record an evaluation; True when the last ``train.early_stopping_patience`` evaluations
+    have not improved on the best one."""
+    if loop.best_eval is None or eval_loss < loop.best_eval:
+        loop.best_eval, loop.evals_without_improvement = eval_loss, 0
+        return False
+    loop.evals_without_improvement += 1
+    patience = cfg.train.early_stopping_patience
+    return bool(patience and loop.evals_without_improvement >= patience)
+
+
+def end_of_step(loop: LoopState, cfg, checkpoint, log, *, stop_requested: bool,
+                stopped_early: bool, agree=None) -> tuple[bool, bool]:
+    """What follows a reported step: the periodic checkpoint (``train.save_every``), then a
+    stop on request (Ctrl-C / SIGTERM; checkpointed first, so ``resume=true`` continues) or
+    by early stopping.
+
+    Args:
+        checkpoint: writes a checkpoint of the current step and returns its folder.
+        agree: turns this process's ``[stop_requested, stopped_early]`` into the whole run's
+            (:meth:`lorakit.train.distributed.Dist.any`), so every process stops at one step.
+
+    Returns:
+        ``(interrupted, stopped_early)``: the loop ends when either is true.
+    """
+    if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
+        checkpoint()
+    if agree is not None:
+        stop_requested, stopped_early = agree([stop_requested, stopped_early])
+    if stop_requested:
+        path = checkpoint()
+        log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
+        return True, stopped_early
+    if stopped_early:
+        log(f"early stopping at step {loop.step}: eval loss has not improved for "
+            f"{cfg.train.early_stopping_patience} evaluations")
+    return False, stopped_early
+
+
+# ---------------------------------------------------------------------- the finished run
+def save_final(run_dir: Path, save) -> Path:
+    """The run's ``adapter/`` folder (a full model for ``method: full``): ``save(folder)``
+    writes it under a temporary name, which then replaces any older one."""
+    tmp, final = Path(run_dir) / ".adapter.tmp", Path(run_dir) / "adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
 
 
 # ---------------------------------------------------------------------- signals and memory
@@ -406,11 +507,18 @@ def out_of_memory_error(exc: BaseException, cfg) -> TrainingError:
         + (", or method=qlora" if cfg.method != "qlora" else ""))
 
 
+@contextlib.contextmanager
+def out_of_memory_explained(cfg):
+    """Within this block an out-of-memory error becomes a :class:`TrainingError` naming the
+    settings that lower memory."""
+    try:
+        yield
+    except Exception as exc:
+        if is_oom(exc):
+            raise out_of_memory_error(exc, cfg) from None
+        raise
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def micro_batches(order: DataOrder, start: int, count: int) -> Iterator[tuple[int, list[int]]]:
-    for i in range(start, start + count):
-        yield i, order.rows(i)

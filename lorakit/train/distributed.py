@@ -426,8 +426,9 @@ class OptimizerView:
         self.d.load_optimizer_state(self.optimizer, state)
 
 
-class Frozen:
-    """An already gathered optimizer state, handed to rank 0's checkpoint writer."""
+class GatheredOptimizerState:
+    """An optimizer state already gathered whole from every rank (a plain dict), offering the
+    ``state_dict()`` that rank 0's checkpoint writer calls on an optimizer."""
 
     def __init__(self, state: dict):
         self._state = state
@@ -435,12 +436,3 @@ class Frozen:
     def state_dict(self) -> dict:
         return self._state
 
-
-class NullLog:
-    """The metrics log of ranks other than 0: writes nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -25,6 +25,12 @@ The loss, for a pair with answer log-probs summed over the answer tokens (prompt
 
 These are TRL's definitions (``trl.DPOTrainer``; IPO length-normalised as TRL does, rewards
 unnormalised); tests/train/test_dpo.py checks values and gradients against TRL itself.
+
+The same recipe runs the other preference objectives (``lorakit.train.preference_losses``,
+checked against TRL's ORPO / CPO-SimPO / KTO losses): ``method: orpo`` and ``simpo`` score
+the same pairs without a reference pass (reference-free), ``method: kto`` scores unpaired
+answers labelled desirable or not (``lorakit.data.kto``), with its reference point estimated
+from mismatched (prompt, answer) pairs of the same batch.
 Our own loop rather than TRL's trainer for the same reasons as ``sft.py``: the output head
 runs only on answer tokens, resume is exact mid-epoch, and the reference needs no copy.
 """
@@ -35,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -45,12 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.config import RunConfig
+from lorakit.config import PREFERENCE_METHODS, RunConfig
 from lorakit.errors import AdapterError, ConfigError, DataError
-from lorakit.train import common
-from lorakit.train.common import IGNORE_INDEX, LoopState
-# progress bar, TensorBoard writer, early stopping and the result type are the SFT recipe's
-from lorakit.train.sft import TrainResult, _early_stop, _Progress, _summary_writer_class
+from lorakit.train import common, preference_losses, report
+from lorakit.train.common import IGNORE_INDEX, LoopState, TrainResult
 
 POLICY = "default"  # the trained adapter (saved as the run's adapter/)
 REFERENCE = "reference"  # the frozen init_adapter copy, when there is one
@@ -130,16 +133,8 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: str, log=print)
     """
     from lorakit.lora.inject import add_adapter, set_adapter, trainable_parameters
     from lorakit.lora.io import load_adapter
-    from lorakit.models.load import load_model
 
-    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    kwargs = {}
-    if cfg.quantized:
-        q = cfg.quantization
-        kwargs = dict(quantization=q.type, double_quant=q.double_quant,
-                      compute_dtype=q.compute_dtype)
-    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device,
-                                  device_map=cfg.device_map, **kwargs)
+    model, tokenizer = common.load_base_for_config(cfg, device, precision)
     if cfg.init_adapter:
         folder = Path(cfg.init_adapter)
         # A manifest that names another base is an error here, not a warning: rewards measured
@@ -162,9 +157,7 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: str, log=print)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    common.ready_to_train(model, cfg)
     return model, tokenizer, trainable_parameters(model), bool(cfg.init_adapter)
 
 
@@ -202,42 +195,46 @@ def reference(model, has_reference_adapter: bool):
 
 # ---------------------------------------------------------------------- 2. data
 def prepare_pairs(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict]]:
-    """Load, validate, split and tokenise the train and eval preference pairs."""
+    """Load, validate, split and tokenise the train and eval preference pairs (for
+    ``method: kto``, the labelled answers of :func:`lorakit.data.kto.tokenize_kto`)."""
+    from lorakit.data.kto import tokenize_kto
     from lorakit.data.preference import tokenize_pairs
-    from lorakit.data.split import split_train_eval
-    from lorakit.train.sft import _load
 
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set: give a JSONL file of "
-                          '{"prompt", "chosen", "rejected"} records, e.g. data.train=pairs.jsonl')
-    from lorakit.data.formats import load_examples
-
-    train = _load(cfg.data.train, cfg, load_examples, log)
-    if cfg.data.eval:
-        evals = _load(cfg.data.eval, cfg, load_examples, log)
-    elif cfg.data.eval_fraction:
-        train, evals = split_train_eval(train, cfg.data.eval_fraction, seed=cfg.train.seed)
-    else:
-        evals = []
+    kto = cfg.method == "kto"
+    train, evals = common.load_train_and_eval(
+        cfg, log, expected=('a JSONL file of {"prompt", "completion", "label"} records, '
+                            'e.g. data.train=answers.jsonl') if kto else
+                           ('a JSONL file of {"prompt", "chosen", "rejected"} records, '
+                            'e.g. data.train=pairs.jsonl'))
 
     def pairs_of(examples, what):
-        pairs, dropped = tokenize_pairs(examples, tokenizer, cfg.data.max_length)
+        pairs, dropped = (tokenize_kto if kto else tokenize_pairs)(examples, tokenizer,
+                                                                   cfg.data.max_length)
         if dropped:
-            log(f"{what}: {len(dropped)} pairs have no answer token within data.max_length="
+            log(f"{what}: {len(dropped)} {'examples' if kto else 'pairs'} have no answer "
+                f"token within data.max_length="
                 f"{cfg.data.max_length} and are skipped (first: {dropped[0].source[0]}:"
                 f"{dropped[0].source[1]})")
         return pairs
 
     train_pairs = pairs_of(train, "train")
     if not train_pairs:
-        raise DataError(f"{cfg.data.train}: no usable preference pair")
+        raise DataError(f"{cfg.data.train}: no usable "
+                        f"{'labelled example' if kto else 'preference pair'}")
     return train_pairs, pairs_of(evals, "eval") if evals else []
 
 
-def make_batch(pairs: list[dict], idx: list[int], pad_id: int, device) -> dict:
+def make_batch(pairs: list[dict], idx: list[int], pad_id: int, device,
+               max_length: int | None = None) -> dict:
+    """2B rows: chosen then rejected answers of B pairs, or (KTO) B answers then their B
+    mismatched pairs (``lorakit.data.kto``), with a ``label`` (B,) bool tensor."""
+    from lorakit.data.kto import collate_kto
     from lorakit.data.preference import collate_pairs
 
-    return {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
+    chosen = [pairs[i] for i in idx]
+    batch = (collate_kto(chosen, pad_id, max_length) if "prompt_ids" in chosen[0]
+             else collate_pairs(chosen, pad_id))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------- 3. reference log-probs
@@ -301,54 +298,107 @@ def cached_reference(cfg, model, run_dir: Path, splits: dict[str, list[dict]], p
 # ---------------------------------------------------------------------- scoring a batch
 def score_batch(model, batch, ref: tuple[torch.Tensor, torch.Tensor] | None, cfg: RunConfig,
                 precision, device, has_reference_adapter):
-    """Policy (and, unless cached, reference) log-probs of a batch of pairs and the DPO terms.
+    """Policy (and, unless cached or reference-free, reference) log-probs of a batch and the
+    terms of the run's objective (``cfg.method``: dpo, orpo, simpo or kto).
 
     Returns:
-        dict of (B,) tensors: ``losses`` (with grad), ``chosen_rewards``, ``rejected_rewards``,
-        ``chosen_logps`` (with grad), ``rejected_logps``, and ``chosen_tokens`` (B,) long.
+        dict: ``losses`` (B,) with grad; ``chosen_rewards`` / ``rejected_rewards`` (the chosen
+        and rejected answers' rewards; for KTO the desirable and undesirable examples');
+        ``correct`` (B,) (chosen reward > rejected reward; KTO: the reward's sign matches the
+        label); ``chosen_logps`` (with grad) / ``rejected_logps`` (summed answer log-probs);
+        ``chosen_tokens``; ``extras``: method-specific (B,) values logged as their means.
     """
-    if ref is None:
+    method, d = cfg.method, cfg.dpo
+    if method in ("dpo", "kto") and ref is None:
         with reference(model, has_reference_adapter), common.autocast(precision, device):
             ref_logps, _ = sequence_logps(model, batch)
         ref = ref_logps.float().chunk(2)
     with common.autocast(precision, device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,): chosen rows, then rejected
-    policy_chosen, policy_rejected = logps.chunk(2)
-    chosen_tokens, rejected_tokens = n_tokens.chunk(2)
-    d = cfg.dpo
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, ref[0].to(logps.device), ref[1].to(logps.device),
-        beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
-        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    first, second = logps.chunk(2)
+    first_tokens, second_tokens = n_tokens.chunk(2)
+    extras = {}
+    if method == "kto":  # second half: the mismatched pairs of the reference point
+        labels = batch["label"]
+        kl = preference_losses.kto_kl(second, ref[1].to(logps.device))
+        out = preference_losses.kto_loss(first, ref[0].to(logps.device), labels, kl, beta=d.beta,
+                                         desirable_weight=d.desirable_weight,
+                                         undesirable_weight=d.undesirable_weight)
+        return {"losses": out["losses"], "chosen_rewards": out["chosen_rewards"],
+                "rejected_rewards": out["rejected_rewards"],
+                "correct": (out["rewards"] > 0) == labels,
+                "chosen_logps": first[labels], "rejected_logps": first[~labels].detach(),
+                "chosen_tokens": first_tokens[labels],
+                "extras": {"kl": kl.expand(len(labels))}}
+    if method in ("orpo", "simpo"):  # reference-free, on mean token log-probs
+        mean_c = first / first_tokens.clamp(min=1)
+        mean_r = second / second_tokens.clamp(min=1)
+        if method == "orpo":
+            out = preference_losses.orpo_loss(mean_c, mean_r, beta=d.beta)
+            extras = {"log_odds_ratio": out["log_odds_ratio"],
+                      "log_odds_chosen": out["log_odds_chosen"]}
+        else:
+            out = preference_losses.simpo_loss(mean_c, mean_r, beta=d.beta, gamma=d.simpo_gamma,
+                                               label_smoothing=d.label_smoothing)
+        losses, chosen_rewards, rejected_rewards = (out["losses"], out["chosen_rewards"],
+                                                    out["rejected_rewards"])
+    else:
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            first, second, ref[0].to(logps.device), ref[1].to(logps.device),
+            beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+            chosen_tokens=first_tokens, rejected_tokens=second_tokens)
     return {"losses": losses, "chosen_rewards": chosen_rewards,
-            "rejected_rewards": rejected_rewards, "chosen_logps": policy_chosen,
-            "rejected_logps": policy_rejected.detach(), "chosen_tokens": chosen_tokens}
+            "rejected_rewards": rejected_rewards, "correct": chosen_rewards > rejected_rewards,
+            "chosen_logps": first, "rejected_logps": second.detach(),
+            "chosen_tokens": first_tokens, "extras": extras}
 
 
 class _Stats:
-    """Sums of the per-pair numbers over a step or an evaluation -> the logged means."""
+    """Sums of the per-example numbers over a step or an evaluation -> the logged means.
 
-    def __init__(self):
-        self.n = 0
-        self.sums = dict.fromkeys(("loss", "chosen", "rejected", "accuracy", "margin",
-                                   "logps_chosen", "logps_rejected"), 0.0)
+    Rewards are averaged over the chosen and the rejected answers separately (for KTO a batch
+    may hold more of one kind), the margin is the difference of those means (for pairs the
+    mean of the per-pair margins), and ORPO's loss adds the chosen answers' NLL per token."""
+
+    def __init__(self, method: str = "dpo"):
+        self.method = method
+        self.n = self.n_chosen = self.n_rejected = 0
+        self.sums = dict.fromkeys(("loss", "chosen", "rejected", "accuracy", "logps_chosen",
+                                   "logps_rejected", "tokens_chosen"), 0.0)
+        self.extras: dict[str, float] = {}
 
     def add(self, s: dict) -> None:
         c, r = s["chosen_rewards"], s["rejected_rewards"]
-        self.n += len(c)
+        self.n += len(s["losses"])
+        self.n_chosen += len(c)
+        self.n_rejected += len(r)
         for key, value in (("loss", s["losses"]), ("chosen", c), ("rejected", r),
-                           ("accuracy", (c > r).float()), ("margin", c - r),
+                           ("accuracy", s["correct"].float()),
                            ("logps_chosen", s["chosen_logps"]),
-                           ("logps_rejected", s["rejected_logps"])):
+                           ("logps_rejected", s["rejected_logps"]),
+                           ("tokens_chosen", s["chosen_tokens"])):
             self.sums[key] += float(value.detach().float().sum())
+        for key, value in s.get("extras", {}).items():
+            self.extras[key] = self.extras.get(key, 0.0) + float(value.detach().float().sum())
+
+    def nll(self) -> float:
+        """Mean NLL per token of the chosen answers seen (RPO's and ORPO's SFT term)."""
+        return -self.sums["logps_chosen"] / max(self.sums["tokens_chosen"], 1)
 
     def record(self, prefix: str = "") -> dict:
-        m = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        return {f"{prefix}loss": m["loss"], f"{prefix}rewards/chosen": m["chosen"],
-                f"{prefix}rewards/rejected": m["rejected"],
-                f"{prefix}rewards/accuracy": m["accuracy"], f"{prefix}rewards/margin": m["margin"],
-                f"{prefix}logps/chosen": m["logps_chosen"],
-                f"{prefix}logps/rejected": m["logps_rejected"]}
+        n, nc, nr = max(self.n, 1), max(self.n_chosen, 1), max(self.n_rejected, 1)
+        chosen, rejected = self.sums["chosen"] / nc, self.sums["rejected"] / nr
+        out = {f"{prefix}loss": self.sums["loss"] / n, f"{prefix}rewards/chosen": chosen,
+               f"{prefix}rewards/rejected": rejected,
+               f"{prefix}rewards/accuracy": self.sums["accuracy"] / n,
+               f"{prefix}rewards/margin": chosen - rejected,
+               f"{prefix}logps/chosen": self.sums["logps_chosen"] / nc,
+               f"{prefix}logps/rejected": self.sums["logps_rejected"] / nr}
+        if self.method == "orpo":  # ORPO's loss: NLL + the odds-ratio term
+            out[f"{prefix}nll_loss"] = self.nll()
+            out[f"{prefix}loss"] += out[f"{prefix}nll_loss"]
+        out.update({f"{prefix}{k}": v / n for k, v in self.extras.items()})
+        return out
 
 
 @torch.no_grad()
@@ -359,11 +409,11 @@ def evaluate(model, pairs, cfg, pad_id, device, precision, has_reference_adapter
         return None
     was_training = model.training
     model.eval()
-    stats = _Stats()
+    stats = _Stats(cfg.method)
     for start in range(0, len(pairs), cfg.train.batch_size):
         idx = list(range(start, min(start + cfg.train.batch_size, len(pairs))))
         ref = (cache["eval_chosen"][idx], cache["eval_rejected"][idx]) if cache else None
-        batch = make_batch(pairs, idx, pad_id, device)
+        batch = make_batch(pairs, idx, pad_id, device, cfg.data.max_length)
         stats.add(score_batch(model, batch, ref, cfg, precision, device, has_reference_adapter))
     model.train(was_training)
     return stats.record(prefix)
@@ -382,10 +432,14 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     from lorakit.lora.io import load_adapter_weights, save_adapter
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if cfg.method != "dpo":
-        raise ConfigError(f"lorakit.train.dpo runs method: dpo, not {cfg.method!r}")
+    if cfg.method not in PREFERENCE_METHODS:
+        raise ConfigError(f"lorakit.train.dpo runs method: {', '.join(PREFERENCE_METHODS)}, "
+                          f"not {cfg.method!r}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("method: dpo runs in one process; drop --nproc / torchrun")
+        raise ConfigError(f"method: {cfg.method} runs in one process; drop --nproc / torchrun")
+    if cfg.method == "kto" and cfg.train.batch_size < 2:
+        raise ConfigError("method: kto estimates its reference point from mismatched pairs "
+                          "within a batch: set train.batch_size to 2 or more")
     device = common.default_device()
     precision = common.resolve_precision(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
@@ -399,15 +453,19 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     train_pairs, eval_pairs = prepare_pairs(cfg, tokenizer, log)
     pad_id = pad_token_id(tokenizer)
     order = common.DataOrder(len(train_pairs), cfg.train.batch_size, cfg.train.seed)
-    micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
-                   else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
-    total_steps = -(-micro_total // cfg.train.grad_accum)
+    micro_total, total_steps = common.count_steps(cfg, order)
     ref_name = f"base + {cfg.init_adapter} (frozen)" if has_ref_adapter else "base, adapters off"
-    log(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) on {cfg.model}"
+    if cfg.method in ("orpo", "simpo"):
+        ref_name = "none (reference-free)"
+    what = {"dpo": f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta})",
+            "simpo": f"simpo (beta {cfg.dpo.beta}, gamma {cfg.dpo.simpo_gamma})"
+            }.get(cfg.method, f"{cfg.method} (beta {cfg.dpo.beta})")
+    log(f"{what} on {cfg.model}"
         f"{' (4-bit)' if cfg.quantized else ''}: {counts['trainable']:,} trainable of "
-        f"{counts['total']:,} parameters, {len(train_pairs)} pairs, {total_steps} steps, "
+        f"{counts['total']:,} parameters, {len(train_pairs)} "
+        f"{'examples' if cfg.method == 'kto' else 'pairs'}, {total_steps} steps, "
         f"reference = {ref_name}, precision {precision}, device {device}")
-    summary_writer = _summary_writer_class(cfg)
+    tensorboard = report.summary_writer_class(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
@@ -419,16 +477,15 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
                                  has_ref_adapter, log)
     if resume_from is not None:
         load_adapter_weights(model, resume_from / "adapter", POLICY)
-    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
+    optimizer, scheduler = common.optimizer_and_scheduler(model, cfg, total_steps)
     loop = LoopState()
     if resume_from is not None:
         loop = common.load_checkpoint(resume_from, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {loop.step})")
     loop.micro_rows = order.batch_size
-    metrics = common.MetricsLog(run_dir / "metrics.jsonl",
-                                resume_step=loop.step if resume_from is not None else None)
-    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer else None
+    steps = report.StepReport(run_dir, cfg, loop, total_steps, resumed=resume_from is not None,
+                              progress=progress, log=log, line=_line, tensorboard=tensorboard,
+                              scalars=(cfg.method, None))
 
     def checkpoint() -> Path:
         return common.save_checkpoint(
@@ -436,92 +493,64 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
             lambda folder: save_adapter(model, folder / "adapter", POLICY, tokenizer=tokenizer),
             cfg.train.keep_checkpoints)
 
+    def clip() -> float:
+        return float(torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm))
+
     # 4. the loop
+    nll_weight = 1.0 if cfg.method == "orpo" else cfg.dpo.sft_weight
     started = time.perf_counter()
     elapsed_before = loop.elapsed
     stopped_early = interrupted = False
     last_eval = None
-    bar = _Progress(total_steps, loop.step, enabled=progress)
-    try:
-        with common.StopFlag() as stop, bar:
-            while loop.step < total_steps:
-                micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
-                chosen_idx = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
-                batches = [make_batch(train_pairs, idx, pad_id, device) for idx in chosen_idx]
-                n_pairs = sum(len(idx) for idx in chosen_idx)  # the step's, for the mean
-                n_chosen_tokens = sum(int((b["labels"][:len(b["labels"]) // 2, 1:] != IGNORE_INDEX)
-                                          .sum()) for b in batches)
-                loop.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
-                stats = _Stats()
-                for idx, batch in zip(chosen_idx, batches):
-                    ref = (cache["train_chosen"][idx], cache["train_rejected"][idx]) if cache else None
-                    s = score_batch(model, batch, ref, cfg, precision, device, has_ref_adapter)
-                    objective = s["losses"].sum() / n_pairs
-                    if cfg.dpo.sft_weight:  # RPO: NLL of the chosen answers, per token
-                        objective = objective - cfg.dpo.sft_weight * s["chosen_logps"].sum() / max(
-                            n_chosen_tokens, 1)
-                    objective.backward()
-                    stats.add(s)
-                record = stats.record()
-                loss = record["loss"]
-                if cfg.dpo.sft_weight:
-                    record["sft_loss"] = -stats.sums["logps_chosen"] / max(n_chosen_tokens, 1)
-                objective_value = loss + cfg.dpo.sft_weight * record.get("sft_loss", 0.0)
-                if not math.isfinite(objective_value):
-                    optimizer.zero_grad(set_to_none=True)
-                    common.check_finite(objective_value, loop.step + 1, run_dir, cfg.train.lr)
-                grad_norm = None
-                if cfg.train.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm))
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
+    with common.StopFlag() as stop, common.out_of_memory_explained(cfg), steps:
+        while loop.step < total_steps:
+            micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
+            chosen_idx = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
+            batches = [make_batch(train_pairs, idx, pad_id, device, cfg.data.max_length)
+                       for idx in chosen_idx]
+            n_pairs = sum(len(idx) for idx in chosen_idx)  # the step's, for the mean
+            n_chosen_tokens = sum(int((b["labels"][:len(b["labels"]) // 2, 1:] != IGNORE_INDEX)
+                                      .sum()) for b in batches)  # paired methods only
+            loop.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+            stats = _Stats(cfg.method)
+            for idx, batch in zip(chosen_idx, batches):
+                ref = (cache["train_chosen"][idx], cache["train_rejected"][idx]) if cache else None
+                s = score_batch(model, batch, ref, cfg, precision, device, has_ref_adapter)
+                objective = s["losses"].sum() / n_pairs
+                if nll_weight:  # RPO / ORPO: NLL of the chosen answers, per token
+                    objective = objective - nll_weight * s["chosen_logps"].sum() / max(
+                        n_chosen_tokens, 1)
+                objective.backward()
+                stats.add(s)
+            record = stats.record()  # ORPO's loss includes its NLL term
+            loss = record["loss"]
+            if cfg.dpo.sft_weight:
+                record["sft_loss"] = stats.nll()
+            objective_value = loss + cfg.dpo.sft_weight * record.get("sft_loss", 0.0)
+            if not math.isfinite(objective_value):
                 optimizer.zero_grad(set_to_none=True)
-                loop.step += 1
-                loop.micro_index += micro
-                loop.supervised_seen += n_pairs  # pairs, for DPO
-                loop.last_loss = loss
-                now = loop.elapsed = elapsed_before + time.perf_counter() - started
-                record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
-                          **record, "lr": lr, "grad_norm": grad_norm,
-                          "pairs_per_s": loop.supervised_seen / max(now, 1e-9)}
-                eval_loss = None
-                if eval_pairs and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
-                    last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision,
-                                         has_ref_adapter, cache)
-                    record.update(last_eval)
-                    eval_loss = loop.last_eval_loss = last_eval["eval_loss"]
-                    stopped_early = _early_stop(loop, eval_loss, cfg)
-                loop.history.append((loop.step, loss, eval_loss))
-                if loop.step % cfg.train.log_every == 0 or eval_loss is not None:
-                    metrics.write(record)
-                    if tb:
-                        for key, value in record.items():
-                            if key not in ("step", "epoch") and value is not None:
-                                tb.add_scalar(f"dpo/{key}", value, loop.step)
-                bar.update(loop.step, loss, loop.tokens_seen / max(now, 1e-9), eval_loss)
-                if not bar.enabled and (loop.step % max(1, total_steps // 20) == 0 or eval_loss):
-                    log(_line(record, total_steps))
-                if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
-                    checkpoint()
-                if stop.requested:
-                    path = checkpoint()
-                    log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
-                    interrupted = True
-                    break
-                if stopped_early:
-                    log(f"early stopping at step {loop.step}: eval loss has not improved for "
-                        f"{cfg.train.early_stopping_patience} evaluations")
-                    break
-    except Exception as exc:
-        if common.is_oom(exc):
-            raise common.out_of_memory_error(exc, cfg) from None
-        raise
-    finally:
-        metrics.close()
-        if tb:
-            tb.close()
+                common.check_finite(objective_value, loop.step + 1, run_dir, cfg.train.lr)
+            lr, grad_norm = common.optimizer_step(optimizer, scheduler,
+                                                  clip if cfg.train.max_grad_norm else None)
+            loop.count_step(micro, n_pairs, loss)  # pairs, for DPO
+            now = loop.elapsed = elapsed_before + time.perf_counter() - started
+            record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
+                      **record, "lr": lr, "grad_norm": grad_norm,
+                      "pairs_per_s": loop.supervised_seen / max(now, 1e-9)}
+            eval_loss = None
+            if eval_pairs and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
+                last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision,
+                                     has_ref_adapter, cache)
+                record.update(last_eval)
+                eval_loss = loop.last_eval_loss = last_eval["eval_loss"]
+                stopped_early = common.early_stopping(loop, eval_loss, cfg)
+            steps.step(loop, record, eval_loss, loop.tokens_seen / max(now, 1e-9))
+            interrupted, stopped_early = common.end_of_step(
+                loop, cfg, checkpoint, log, stop_requested=stop.requested,
+                stopped_early=stopped_early)
+            if interrupted or stopped_early:
+                break
 
     # 5. finish
     if interrupted:
@@ -529,10 +558,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     if eval_pairs and (last_eval is None or loop.step % (cfg.train.eval_every or loop.step + 1)):
         last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision, has_ref_adapter,
                              cache)
-        loop.history.append((loop.step, None, last_eval["eval_loss"]))
-        metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
-        metrics.write({"step": loop.step, **last_eval})
-        metrics.close()
+        steps.final_eval(loop, last_eval)
     summary = _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early,
                        len(train_pairs), len(eval_pairs), ref_name)
     _write_final(cfg, model, tokenizer, run_dir, loop, summary)
@@ -543,29 +569,27 @@ def _write_final(cfg, model, tokenizer, run_dir: Path, loop: LoopState, summary:
     """The policy adapter, loss and reward plots, summary.json."""
     from lorakit.lora.io import save_adapter
 
-    tmp = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, POLICY, tokenizer=tokenizer,
-                 extra_manifest={"run": str(run_dir), "steps": loop.step, "method": "dpo",
-                                 "init_adapter": cfg.init_adapter})
-    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-    tmp.rename(run_dir / "adapter")
-    title = f"dpo on {cfg.model}"
-    common.plot_losses(loop.history, run_dir / "loss.png", title)
-    common.plot_metrics(run_dir / "metrics.jsonl",
+    common.save_final(run_dir, lambda folder: save_adapter(
+        model, folder, POLICY, tokenizer=tokenizer,
+        extra_manifest={"run": str(run_dir), "steps": loop.step, "method": cfg.method,
+                        "init_adapter": cfg.init_adapter}))
+    title = f"{cfg.method} on {cfg.model}"
+    report.plot_losses(loop.history, run_dir / "loss.png", title)
+    report.plot_metrics(run_dir / "metrics.jsonl",
                         ["rewards/chosen", "rewards/rejected", "rewards/margin",
                          "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margin"],
                         run_dir / "rewards.png", title, "implicit reward (beta x log-ratio)")
-    common.plot_metrics(run_dir / "metrics.jsonl", ["rewards/accuracy", "eval_rewards/accuracy"],
+    report.plot_metrics(run_dir / "metrics.jsonl", ["rewards/accuracy", "eval_rewards/accuracy"],
                         run_dir / "reward_accuracy.png", title, "reward accuracy")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.write_summary(run_dir, summary)
 
 
 def _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early, n_train,
              n_eval, ref_name) -> dict:
     return {
-        "method": "dpo", "model": cfg.model, "quantized": cfg.quantized,
-        "loss_type": cfg.dpo.loss, "beta": cfg.dpo.beta, "reference": ref_name,
+        "method": cfg.method, "model": cfg.model, "quantized": cfg.quantized,
+        "loss_type": cfg.dpo.loss if cfg.method == "dpo" else cfg.method, "beta": cfg.dpo.beta,
+        "reference": ref_name,
         "precompute_reference": cfg.dpo.precompute_reference,
         "steps": loop.step, "epochs": round(order.epoch_of(loop.micro_index), 4),
         "wall_time_s": round(loop.elapsed, 2), "tokens_seen": loop.tokens_seen,

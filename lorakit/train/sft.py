@@ -14,75 +14,42 @@ is visible here.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lorakit.config import RunConfig
-from lorakit.errors import ConfigError, DataError
-from lorakit.train import common, distributed
-from lorakit.train.common import LoopState, TrainingError
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    adapter_dir: Path
-    summary: dict
-    stopped_early: bool = False
-    interrupted: bool = False
+from lorakit.errors import DataError
+from lorakit.train import common, distributed, report
+from lorakit.train.common import LoopState, TrainingError, TrainResult
 
 
 # ---------------------------------------------------------------------- 1. setup
 def setup_model(cfg: RunConfig, device: torch.device, precision: str):
     """Load the base (4-bit for QLoRA), add the adapter (or unfreeze everything for full)."""
     from lorakit.lora.inject import add_adapter, trainable_parameters
-    from lorakit.models.load import load_model
 
-    base_dtype = torch.bfloat16 if precision == "bf16" and cfg.method != "full" else torch.float32
-    if precision == "fp16" and cfg.method != "full":
-        base_dtype = torch.float16
-    kwargs = {}
-    if cfg.method == "qlora":
-        q = cfg.quantization
-        kwargs = dict(quantization=q.type, double_quant=q.double_quant,
-                      compute_dtype=q.compute_dtype)
-    model, tokenizer = load_model(cfg.model, dtype=base_dtype, device=device,
-                                  device_map=cfg.device_map, **kwargs)
+    model, tokenizer = common.load_base_for_config(cfg, device, precision)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         add_adapter(model, cfg.lora.to_lora_config(), name="default")
-    if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    common.ready_to_train(model, cfg)
     return model, tokenizer, trainable_parameters(model)
 
 
 # ---------------------------------------------------------------------- 2. data
 def prepare_rows(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict], dict]:
     """Load, validate, split, tokenize and (optionally) pack the train and eval data."""
-    from lorakit.data.formats import load_examples
     from lorakit.data.packing import pack_examples
-    from lorakit.data.split import split_train_eval
     from lorakit.data.tokenize import tokenize_examples
 
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set: give a JSONL/JSON file, e.g. data.train=train.jsonl")
-    train = _load(cfg.data.train, cfg, load_examples, log)
-    if cfg.data.eval:
-        evals = _load(cfg.data.eval, cfg, load_examples, log)
-    elif cfg.data.eval_fraction:
-        train, evals = split_train_eval(train, cfg.data.eval_fraction, seed=cfg.train.seed)
-    else:
-        evals = []
+    train, evals = common.load_train_and_eval(
+        cfg, log, expected="a JSONL/JSON file, e.g. data.train=train.jsonl")
 
     def rows_of(examples, what):
         tokenized = tokenize_examples(examples, tokenizer, cfg.data.max_length, cfg.data.train_on)
@@ -102,19 +69,6 @@ def prepare_rows(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict]
              "train_rows": len(train_rows),
              "train_tokens": sum(len(t["input_ids"]) for t in train_tok)}
     return train_rows, eval_rows, stats
-
-
-def _load(path, cfg, load_examples, log):
-    if not Path(path).is_file():
-        raise DataError(f"data file {path} does not exist")
-    result = load_examples(path, format=cfg.data.format)
-    for issue in result.errors[:5]:
-        log(f"skipped: {issue}")
-    if len(result.errors) > 5:
-        log(f"... {len(result.errors) - 5} more bad lines skipped (see `lorakit data check {path}`)")
-    if not result.examples:
-        raise DataError(f"{path}: no valid example (checked {len(result.errors)} bad lines)")
-    return result.examples
 
 
 def make_batch(rows: list[dict], idx: list[int], pad_id: int, packed: bool, device) -> dict:
@@ -192,16 +146,14 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     # one global micro-batch = batch_size rows on each process
     order = common.DataOrder(len(train_rows), cfg.train.batch_size * dist.world_size,
                              cfg.train.seed)
-    micro_total = (cfg.train.max_steps * cfg.train.grad_accum if cfg.train.max_steps
-                   else max(1, round(cfg.train.epochs * order.micro_per_epoch)))
-    total_steps = -(-micro_total // cfg.train.grad_accum)
+    micro_total, total_steps = common.count_steps(cfg, order)
     log(f"{cfg.method} on {cfg.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
         f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
         f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}"
         + (f", {dist.world_size} processes ({cfg.train.strategy}, batch {order.batch_size} rows "
            f"per micro-step)" if dist.enabled else ""))
 
-    summary_writer = _summary_writer_class(cfg)
+    tensorboard = report.summary_writer_class(cfg)
     dist.barrier()  # every process has checked the run folder before rank 0 writes to it
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,8 +166,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
         else:
             load_adapter_weights(model, resume_from / "adapter")
     loss_module = dist.wrap(model)  # DDP / FSDP when several processes; the loss otherwise
-    optimizer = common.build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = common.build_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup, total_steps)
+    optimizer, scheduler = common.optimizer_and_scheduler(model, cfg, total_steps)
     loop = LoopState()
     if resume_from is not None:
         loop = common.load_checkpoint(resume_from, distributed.OptimizerView(dist, optimizer),
@@ -228,10 +179,10 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
                 + ("" if exact else " (rounded up to the next micro-batch)"))
         log(f"resumed from {resume_from} (step {loop.step})")
     loop.micro_rows = order.batch_size
-    metrics = (common.MetricsLog(run_dir / "metrics.jsonl",
-                                 resume_step=loop.step if resume_from is not None else None)
-               if dist.is_main else distributed.NullLog())
-    tb = summary_writer(str(run_dir / "tensorboard")) if summary_writer and dist.is_main else None
+    steps = report.StepReport(run_dir, cfg, loop, total_steps, resumed=resume_from is not None,
+                              progress=progress, log=log, line=_line, tensorboard=tensorboard,
+                              scalars=("train", ("loss", "lr", "grad_norm", "eval_loss")),
+                              enabled=dist.is_main)
 
     def save_weights(folder: Path, adapter_state=None) -> None:
         if cfg.method == "full":
@@ -248,106 +199,71 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
         adapter_state = dist.gather_adapter(model) if cfg.method != "full" else None
         path = run_dir / "checkpoints" / f"step-{loop.step}"
         if dist.is_main:
-            path = common.save_checkpoint(run_dir, model, distributed.Frozen(opt_state), scheduler,
+            path = common.save_checkpoint(run_dir, model,
+                                          distributed.GatheredOptimizerState(opt_state), scheduler,
                                           loop, lambda f: save_weights(f, adapter_state),
                                           cfg.train.keep_checkpoints)
         dist.barrier()
         return path
 
+    def clip() -> float:
+        return dist.clip_grad_norm(model, cfg.train.max_grad_norm)
+
     # 4. the loop
     started = time.perf_counter()
     elapsed_before = loop.elapsed
     stopped_early = interrupted = False
-    bar = _Progress(total_steps, loop.step, enabled=progress if dist.is_main else False)
-    try:
-        with common.StopFlag() as stop, bar:
-            while loop.step < total_steps:
-                if dist.enabled:
-                    distributed.reseed(cfg.train.seed, loop.step, dist.rank)
-                micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
-                chosen = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
-                batches = [make_batch(train_rows, dist.shard(rows), pad_id, cfg.data.packing, device)
-                           for rows in chosen]
-                loop.tokens_seen += sum(len(train_rows[i]["input_ids"]) for r in chosen for i in r)
-                n_sup = sum(common.count_supervised(b) for b in batches)
-                n_sup = int(dist.all_sum([n_sup])[0])  # the whole step's, over all processes
-                step_loss = 0.0
-                for i, batch in enumerate(batches):
-                    # gradients are averaged over processes, hence x world_size; synced once
-                    with dist.sync_gradients(loss_module, i == len(batches) - 1):
-                        with common.autocast(precision, device):
-                            loss_sum, _ = loss_module(batch)
-                        (loss_sum * dist.world_size / max(n_sup, 1)).backward()
-                    step_loss += float(loss_sum.detach())
-                loss = dist.all_sum([step_loss])[0] / max(n_sup, 1)  # every process sees a NaN
-                if not math.isfinite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    common.check_finite(loss, loop.step + 1, run_dir, cfg.train.lr)
-                grad_norm = None
-                if cfg.train.max_grad_norm:
-                    grad_norm = dist.clip_grad_norm(model, cfg.train.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
+    with common.StopFlag() as stop, common.out_of_memory_explained(cfg), steps:
+        while loop.step < total_steps:
+            if dist.enabled:
+                distributed.reseed(cfg.train.seed, loop.step, dist.rank)
+            micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
+            chosen = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
+            batches = [make_batch(train_rows, dist.shard(rows), pad_id, cfg.data.packing, device)
+                       for rows in chosen]
+            loop.tokens_seen += sum(len(train_rows[i]["input_ids"]) for r in chosen for i in r)
+            n_sup = sum(common.count_supervised(b) for b in batches)
+            n_sup = int(dist.all_sum([n_sup])[0])  # the whole step's, over all processes
+            step_loss = 0.0
+            for i, batch in enumerate(batches):
+                # gradients are averaged over processes, hence x world_size; synced once
+                with dist.sync_gradients(loss_module, i == len(batches) - 1):
+                    with common.autocast(precision, device):
+                        loss_sum, _ = loss_module(batch)
+                    (loss_sum * dist.world_size / max(n_sup, 1)).backward()
+                step_loss += float(loss_sum.detach())
+            loss = dist.all_sum([step_loss])[0] / max(n_sup, 1)  # every process sees a NaN
+            if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
-                loop.step += 1
-                loop.micro_index += micro
-                loop.supervised_seen += n_sup
-                loop.last_loss = loss
-                now = loop.elapsed = elapsed_before + time.perf_counter() - started
-                record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
-                          "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": loop.supervised_seen / max(now, 1e-9)}
-                eval_loss = None
-                if eval_rows and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
-                    eval_loss = evaluate(model, eval_rows, cfg, pad_id, device, precision,
-                                         loss_module=loss_module, dist=dist)
-                    record["eval_loss"] = loop.last_eval_loss = eval_loss
-                    stopped_early = _early_stop(loop, eval_loss, cfg)
-                loop.history.append((loop.step, loss, eval_loss))
-                if loop.step % cfg.train.log_every == 0 or eval_loss is not None:
-                    metrics.write(record)
-                    if tb:
-                        for key in ("loss", "lr", "grad_norm", "eval_loss"):
-                            if record.get(key) is not None:
-                                tb.add_scalar(f"train/{key}", record[key], loop.step)
-                bar.update(loop.step, loss, record["tokens_per_s"], eval_loss)
-                if not bar.enabled and (loop.step % max(1, total_steps // 20) == 0 or eval_loss):
-                    log(_line(record, total_steps))
-                if cfg.train.save_every and loop.step % cfg.train.save_every == 0:
-                    checkpoint()
-                stop_now, stopped_early = dist.any([stop.requested, stopped_early])
-                if stop_now:
-                    path = checkpoint()
-                    log(f"stopped at step {loop.step}; checkpoint {path}. Continue with resume=true")
-                    interrupted = True
-                    break
-                if stopped_early:
-                    log(f"early stopping at step {loop.step}: eval loss has not improved for "
-                        f"{cfg.train.early_stopping_patience} evaluations")
-                    break
-    except Exception as exc:
-        if common.is_oom(exc):
-            raise common.out_of_memory_error(exc, cfg) from None
-        raise
-    finally:
-        metrics.close()
-        if tb:
-            tb.close()
+                common.check_finite(loss, loop.step + 1, run_dir, cfg.train.lr)
+            lr, grad_norm = common.optimizer_step(optimizer, scheduler,
+                                                  clip if cfg.train.max_grad_norm else None)
+            loop.count_step(micro, n_sup, loss)
+            now = loop.elapsed = elapsed_before + time.perf_counter() - started
+            record = {"step": loop.step, "epoch": round(order.epoch_of(loop.micro_index), 4),
+                      "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": loop.supervised_seen / max(now, 1e-9)}
+            eval_loss = None
+            if eval_rows and cfg.train.eval_every and loop.step % cfg.train.eval_every == 0:
+                eval_loss = evaluate(model, eval_rows, cfg, pad_id, device, precision,
+                                     loss_module=loss_module, dist=dist)
+                record["eval_loss"] = loop.last_eval_loss = eval_loss
+                stopped_early = common.early_stopping(loop, eval_loss, cfg)
+            steps.step(loop, record, eval_loss, record["tokens_per_s"])
+            interrupted, stopped_early = common.end_of_step(
+                loop, cfg, checkpoint, log, stop_requested=stop.requested,
+                stopped_early=stopped_early, agree=dist.any)
+            if interrupted or stopped_early:
+                break
 
     # 5. finish
-    adapter_dir = run_dir / "adapter"
     if interrupted:
-        return TrainResult(run_dir, adapter_dir, {}, interrupted=True)
+        return TrainResult(run_dir, run_dir / "adapter", {}, interrupted=True)
     final_eval = loop.last_eval_loss
     if eval_rows and (not cfg.train.eval_every or loop.step % cfg.train.eval_every):
         final_eval = evaluate(model, eval_rows, cfg, pad_id, device, precision,
                               loss_module=loss_module, dist=dist)
-        loop.history.append((loop.step, None, final_eval))
-        if dist.is_main:
-            metrics = common.MetricsLog(run_dir / "metrics.jsonl", resume_step=loop.step)
-            metrics.write({"step": loop.step, "eval_loss": final_eval})
-            metrics.close()
+        steps.final_eval(loop, {"eval_loss": final_eval})
     adapter_state = dist.gather_adapter(model) if dist.enabled and cfg.method != "full" else None
     summary = _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early,
                        data_stats, dist)
@@ -361,18 +277,16 @@ def _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary) -
     """Final adapter (or model), loss plot and summary.json (rank 0 only)."""
     from lorakit.lora.io import save_adapter
 
-    adapter_dir = run_dir / "adapter"
-    tmp_adapter = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp_adapter, ignore_errors=True)
-    if cfg.method == "full":
-        _save_full_model(model, tokenizer, tmp_adapter)
-    else:
-        save_adapter(model, tmp_adapter, tokenizer=tokenizer,
-                     extra_manifest={"run": str(run_dir), "steps": loop.step}, state=adapter_state)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    tmp_adapter.rename(adapter_dir)
-    common.plot_losses(loop.history, run_dir / "loss.png", f"{cfg.method} on {cfg.model}")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    def save(folder: Path) -> None:
+        if cfg.method == "full":
+            _save_full_model(model, tokenizer, folder)
+        else:
+            save_adapter(model, folder, tokenizer=tokenizer, state=adapter_state,
+                         extra_manifest={"run": str(run_dir), "steps": loop.step})
+
+    common.save_final(run_dir, save)
+    report.plot_losses(loop.history, run_dir / "loss.png", f"{cfg.method} on {cfg.model}")
+    report.write_summary(run_dir, summary)
 
 
 def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early, data_stats,
@@ -394,15 +308,6 @@ def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_ea
 
 
 # ---------------------------------------------------------------------- helpers
-def _early_stop(loop: LoopState, eval_loss: float, cfg: RunConfig) -> bool:
-    if loop.best_eval is None or eval_loss < loop.best_eval:
-        loop.best_eval, loop.evals_without_improvement = eval_loss, 0
-        return False
-    loop.evals_without_improvement += 1
-    patience = cfg.train.early_stopping_patience
-    return bool(patience and loop.evals_without_improvement >= patience)
-
-
 def _line(record: dict, total: int) -> str:
     text = f"step {record['step']}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e}"
     if record.get("eval_loss") is not None:
@@ -434,48 +339,3 @@ def _load_full_weights(model, folder: Path) -> None:
 def _save_full_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def _summary_writer_class(cfg: RunConfig):
-    """TensorBoard's SummaryWriter when ``train.report_to`` asks for it (checked before the run
-    folder is written, so a missing package leaves nothing behind)."""
-    if "tensorboard" not in cfg.train.report_to:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("train.report_to=[tensorboard] needs the tensorboard package: "
-                          "pip install 'lorakit[tensorboard]'") from None
-    return SummaryWriter
-
-
-class _Progress:
-    """A rich progress bar on a terminal; nothing otherwise (the recipe logs lines instead)."""
-
-    def __init__(self, total: int, done: int, enabled: bool | None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total, self.done = total, done
-        self._progress = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                      TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-            self._progress.__enter__()
-            self._task = self._progress.add_task("train", total=self.total, completed=self.done,
-                                                 info="")
-        return self
-
-    def update(self, step: int, loss: float, tok_s: float, eval_loss: float | None) -> None:
-        if self._progress is not None:
-            info = f"loss {loss:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss is not None else "")
-            self._progress.update(self._task, completed=step, info=f"{info} {tok_s:.0f} tok/s")
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
