@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse
 
@@ -72,13 +72,16 @@ def jobs_router() -> APIRouter:
     @router.post("/files")
     async def create_file_route(http: HTTPRequest, file: UploadFile = File(...),
                                 purpose: str = Form(...)):
+        limits = getattr(http.app.state, "limits", None)
         with _as_api_errors():
             row = await upload_file(http.app.state.jobs, http.app.state.engine.tokenizer,
-                                    owner_of(http), file.filename, file.read, purpose)
+                                    owner_of(http), file.filename, file.read, purpose,
+                                    max_bytes=limits.max_upload_bytes if limits else None)
         return file_object(row)
 
     @router.get("/files")
-    async def list_files(http: HTTPRequest, purpose: str | None = None, limit: int = 10000,
+    async def list_files(http: HTTPRequest, purpose: str | None = None,
+                         limit: int = Query(10000, ge=1, le=10000),
                          after: str | None = None, order: str = "desc"):
         rows = http.app.state.jobs.store.list_files(owner_of(http), purpose)
         if order == "asc":
@@ -109,7 +112,8 @@ def jobs_router() -> APIRouter:
             return job_object(create_job(http.app.state.jobs, owner_of(http), body))
 
     @router.get("/fine_tuning/jobs")
-    async def list_jobs(http: HTTPRequest, after: str | None = None, limit: int = 20):
+    async def list_jobs(http: HTTPRequest, after: str | None = None,
+                        limit: int = Query(20, ge=1, le=10000)):
         rows = http.app.state.jobs.store.list_jobs(owner_of(http))
         return _page([job_object(r) for r in rows], after, limit)
 
@@ -120,7 +124,7 @@ def jobs_router() -> APIRouter:
 
     @router.get("/fine_tuning/jobs/{job_id}/events")
     async def list_events(job_id: str, http: HTTPRequest, after: str | None = None,
-                          limit: int = 20):
+                          limit: int = Query(20, ge=1, le=10000)):
         store = http.app.state.jobs.store
         with _as_api_errors():
             store.get_job(job_id, owner_of(http))
@@ -129,7 +133,7 @@ def jobs_router() -> APIRouter:
 
     @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
     async def list_checkpoints(job_id: str, http: HTTPRequest, after: str | None = None,
-                               limit: int = 10):
+                               limit: int = Query(10, ge=1, le=10000)):
         store = http.app.state.jobs.store
         with _as_api_errors():
             job = store.get_job(job_id, owner_of(http))
@@ -160,8 +164,7 @@ def attach(app, manager: JobManager, *, ui: bool = True) -> None:
         from lorakit.jobs.ui import ui_router
 
         app.include_router(ui_router())
-    app.state.jobs = manager
-    app.state.model_visible = manager.visible
+    app.state.jobs = manager  # fine-tuned models are registered with their job's owner
     manager.start()
 
 

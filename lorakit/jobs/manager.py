@@ -294,7 +294,8 @@ class JobManager:
         if self.engine is None or name in self.engine.adapters():
             return
         try:
-            self.engine.add_adapter(name, adapter, wait=False)
+            self.engine.add_adapter(name, adapter, wait=False, owner=job["owner"],
+                                    source="fine-tuned")
         except LorakitError as exc:
             self.store.add_event(job["id"], f"The adapter could not be served: {exc}",
                                  level="error")

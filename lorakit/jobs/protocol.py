@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ AUTO = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
 LORAKIT_KEYS = {"lora_r": int, "lora_alpha": float, "lora_dropout": float, "quantization": str,
                 "max_steps": int, "max_length": int, "checkpoint_every": int, "eval": bool,
                 "eval_limit": int, "beta": float, "packing": bool}
+# the range of each numeric option: (low, high, low is allowed)
+LORAKIT_BOUNDS = {"lora_r": (1, 1024, True), "lora_alpha": (0, 16384, False),
+                  "lora_dropout": (0, 0.999, True), "max_steps": (1, 10_000_000, True),
+                  "max_length": (1, 1 << 20, True), "checkpoint_every": (1, 10_000_000, True),
+                  "eval_limit": (1, 1_000_000, True), "beta": (0, 10, False)}
 
 
 class JobRequest(BaseModel):
@@ -60,6 +66,8 @@ def resolve_hyperparameters(requested: dict, n_examples: int) -> dict:
                 kind is int and not float(value).is_integer()):
             raise ConfigError(f"hyperparameters.{key} must be 'auto' or a "
                               f"{'number' if kind is float else 'whole number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"hyperparameters.{key} must be a finite number, got {value!r}")
         value = kind(value)
         low, high = {"n_epochs": (1, 50), "batch_size": (1, 256),
                      "learning_rate_multiplier": (1e-3, 100)}[key]
@@ -92,12 +100,23 @@ def check_lorakit_options(options: Any) -> dict:
             continue
         if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
             raise ConfigError(f"lorakit.{key} must be {kind.__name__}, got {value!r}")
+        if kind is int and isinstance(value, float) and not (math.isfinite(value)
+                                                             and value.is_integer()):
+            raise ConfigError(f"lorakit.{key} must be a whole number, got {value!r}")
         try:
             value = kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"lorakit.{key} must be {kind.__name__}, got {value!r}") from None
-        if kind in (int, float) and key != "lora_dropout" and value <= 0:
-            raise ConfigError(f"lorakit.{key} must be > 0, got {value}")
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"lorakit.{key} must be {kind.__name__}, got "
+                              f"{str(value)[:40]!r}") from None
+        if kind in (int, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"lorakit.{key} must be a finite number, got {value!r}")
+            low, high, closed = LORAKIT_BOUNDS[key]
+            if not ((low <= value if closed else low < value) and value <= high):
+                raise ConfigError(f"lorakit.{key} must be in {'[' if closed else '('}{low}, "
+                                  f"{high}], got {value}")
+        elif kind is str and len(value) > 64:
+            raise ConfigError(f"lorakit.{key} is too long")
         out[key] = value
     if out.get("quantization") not in (None, "nf4"):
         raise ConfigError(f"lorakit.quantization must be 'nf4' or null, got "
@@ -113,29 +132,51 @@ def file_object(row: dict) -> dict:
             "status_details": row["status_details"], "expires_at": None}
 
 
+def finite(value):
+    """``value`` with every NaN / infinite float replaced by None (JSON has no such numbers;
+    a stored one must not break a listing)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def _json(text, default=None):
+    """A stored JSON column; an unreadable one reads as ``default``."""
+    if not text:
+        return default
+    try:
+        return finite(json.loads(text))
+    except (ValueError, TypeError, RecursionError):
+        return default
+
+
 def job_object(row: dict) -> dict:
-    hp = json.loads(row["hyperparameters"])
-    method = json.loads(row["method"])
-    error = json.loads(row["error"]) if row["error"] else None
+    hp = _json(row["hyperparameters"], {})
+    method = _json(row["method"], {})
+    error = _json(row["error"])
     run_dir = Path(row["run_dir"])
     result_files = [f"{row['id']}/metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
     return {"id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"],
             "error": error, "fine_tuned_model": row["fine_tuned_model"],
             "finished_at": row["finished_at"],
-            "hyperparameters": {k: hp[k] for k in AUTO}, "model": row["model"],
+            "hyperparameters": {k: hp.get(k) for k in AUTO}, "model": row["model"],
             "organization_id": row["owner"], "result_files": result_files, "seed": row["seed"],
             "status": row["status"], "trained_tokens": row["trained_tokens"],
             "training_file": row["training_file"], "validation_file": row["validation_file"],
             "estimated_finish": None, "integrations": [],
-            "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+            "metadata": _json(row["metadata"]),
             "method": method, "user_provided_suffix": row["suffix"],
-            "lorakit": json.loads(row["lorakit"])}
+            "lorakit": _json(row["lorakit"], {})}
 
 
 def event_object(row: dict) -> dict:
     return {"id": row["id"], "object": "fine_tuning.job.event", "created_at": row["created_at"],
             "level": row["level"], "message": row["message"],
-            "data": json.loads(row["data"]) if row["data"] else {}, "type": row["type"]}
+            "data": _json(row["data"], {}), "type": row["type"]}
 
 
 def checkpoint_object(row: dict, job: dict) -> dict:
@@ -143,7 +184,7 @@ def checkpoint_object(row: dict, job: dict) -> dict:
     return {"id": row["id"], "object": "fine_tuning.job.checkpoint",
             "created_at": row["created_at"], "fine_tuning_job_id": job["id"],
             "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{row['step']}",
-            "step_number": row["step"], "metrics": json.loads(row["metrics"] or "{}")}
+            "step_number": row["step"], "metrics": _json(row["metrics"], {})}
 
 
 def fine_tuned_name(job: dict) -> str:

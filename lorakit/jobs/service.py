@@ -10,6 +10,7 @@ HTTP errors, the UI into its error pages.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -27,11 +28,13 @@ _UNFINISHED = ("validating_files", "queued", "running")
 
 
 async def upload_file(manager: JobManager, tokenizer, owner: str, filename: str, read,
-                      purpose: str = "fine-tune") -> dict:
+                      purpose: str = "fine-tune", *, max_bytes: int | None = None) -> dict:
     """Store an uploaded dataset and check it (``lorakit data check`` with the served
     tokenizer and chat template); returns the file row.
 
-    ``read(n)`` is an async reader of the upload.
+    ``read(n)`` is an async reader of the upload. The bytes go to a temporary file, are
+    fsynced and renamed into place only once the check passed; whatever happens (a bad record,
+    hostile JSON, a client that goes away), the temporary file is removed.
 
     Raises:
         ConfigError, DataError: wrong purpose or type, too large, or bad records (their
@@ -41,10 +44,13 @@ async def upload_file(manager: JobManager, tokenizer, owner: str, filename: str,
 
     from lorakit.data.check import check_data
 
+    limit = max_bytes or MAX_UPLOAD_BYTES
     if purpose != "fine-tune":
         raise ConfigError(f"purpose must be 'fine-tune' (got {purpose!r}): this server stores "
                           f"files for fine-tuning jobs")
     name = Path(filename or "upload.jsonl").name
+    if not name.isprintable() or len(name) > 255:
+        raise ConfigError("the file name must be at most 255 printable characters")
     ext = ".json" if name.endswith(".json") else ".jsonl"
     if not name.endswith((".jsonl", ".json")):
         raise ConfigError(f"{name}: upload a .jsonl file (one JSON record per line) or a .json "
@@ -53,39 +59,68 @@ async def upload_file(manager: JobManager, tokenizer, owner: str, filename: str,
     path = manager.root / "files" / f"{file_id}{ext}"
     tmp = path.with_name(f".{path.name}.tmp")
     size = 0
-    with open(tmp, "wb") as out:
-        while chunk := await read(1 << 20):
-            size += len(chunk)
-            if size > MAX_UPLOAD_BYTES:
-                out.close()
-                tmp.unlink()
-                raise ConfigError(f"{name} is larger than {MAX_UPLOAD_BYTES >> 20} MiB")
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
     try:
-        report = await run_in_threadpool(check_data, str(tmp), tokenizer,
-                                         max_length=manager.max_length)
-    except DataError as exc:
+        with open(tmp, "wb") as out:
+            while chunk := await read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise ConfigError(f"{name} is larger than {limit >> 20} MiB")
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            report = await run_in_threadpool(check_data, str(tmp), tokenizer,
+                                             max_length=manager.max_length)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(tmp), name)) from None
+        except (RecursionError, UnicodeError, ValueError, TypeError, OverflowError) as exc:
+            # the data check reports hostile JSON as errors; anything it still raises is the
+            # file's fault, never a 500
+            raise DataError(f"{name} could not be read as JSON records: "
+                            f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        errors = report["errors"]
+        if errors or not report["examples"]:
+            lines = [f"  {name}:{e['line']}: {e['field']}: {_printable(e['message'])}"
+                     for e in errors[:20]]
+            more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+            raise DataError(f"{name} has {len(errors)} invalid record(s) of {report['records']}"
+                            + (" and no valid example" if not report["examples"] else "")
+                            + "; fix them and upload again:\n" + "\n".join(lines) + more)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise DataError(str(exc).replace(str(tmp), name)) from None
-    errors = report["errors"]
-    if errors or not report["examples"]:
-        tmp.unlink(missing_ok=True)
-        lines = [f"  {name}:{e['line']}: {e['field']}: {e['message']}" for e in errors[:20]]
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{name} has {len(errors)} invalid record(s) of {report['records']}"
-                        + (" and no valid example" if not report["examples"] else "")
-                        + "; fix them and upload again:\n" + "\n".join(lines) + more)
-    os.replace(tmp, path)
     kinds = report.get("kinds", {})
     report["files"] = [name]
     row = {"id": file_id, "owner": owner, "filename": name, "purpose": purpose, "bytes": size,
            "created_at": int(time.time()), "status": "processed", "status_details": None,
            "path": str(path), "kind": next(iter(kinds)) if len(kinds) == 1 else "mixed",
            "examples": report["examples"], "report": json.dumps(report, default=str)}
-    manager.store.add_file(row)
+    try:
+        manager.store.add_file(row)
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
     return row
+
+
+def _printable(text) -> str:
+    """A message safe to put in JSON / HTML: lone surrogates escaped."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: fsync the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def create_job(manager: JobManager, owner: str, body: JobRequest) -> dict:
@@ -102,6 +137,10 @@ def create_job(manager: JobManager, owner: str, body: JobRequest) -> dict:
     if body.suffix is not None and not _SUFFIX.match(body.suffix):
         raise ConfigError(f"suffix {body.suffix!r} may only hold letters, digits, '.', '_' and "
                           f"'-' (at most 64)")
+    if body.metadata and (len(body.metadata) > 16 or any(
+            len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
+        raise ConfigError("metadata holds at most 16 pairs, keys of at most 64 and values of at "
+                          "most 512 characters")
     method = dict(body.method or {"type": "supervised"})
     kind = method.get("type", "supervised")
     if kind not in ("supervised", "dpo"):
@@ -140,7 +179,7 @@ def create_job(manager: JobManager, owner: str, body: JobRequest) -> dict:
     if kind == "dpo":
         beta = requested.get("beta", "auto")
         if beta != "auto" and (not isinstance(beta, (int, float)) or isinstance(beta, bool)
-                               or not 0 < beta <= 10):
+                               or not math.isfinite(beta) or not 0 < beta <= 10):
             raise ConfigError(f"method.dpo.hyperparameters.beta must be 'auto' or in (0, 10], "
                               f"got {beta!r}")
         method_hp["beta"] = beta if beta != "auto" else options.get("beta", 0.1)

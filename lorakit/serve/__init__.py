@@ -8,7 +8,10 @@ mounts itself on this server's app).
 - ``api.py``: the OpenAI-compatible FastAPI app (``create_app``) and ``ServerThread``.
 - ``protocol.py``: request bodies, OpenAI's response, stream-chunk and error shapes.
 - ``routes/``: the routers the app mounts (models and adapters, completions, health/metrics).
-- ``auth.py``: API keys and their owners (``--api-key``, ``--keys-file``), the one key check.
+- ``auth.py``: API keys and their owners (``--api-key``, ``--keys-file``), the one key check,
+  and who may use / unload each adapter.
+- ``limits.py``: body-size limits and the key check before the body (a pure ASGI middleware),
+  the request deadline.
 - ``metrics.py``: Prometheus metrics; ``monitor.py``: SQLite request log and drift.
 - ``cli.py``: ``lorakit serve`` and ``lorakit monitor drift``.
 

@@ -7,7 +7,9 @@ ending with ``data: [DONE]``), ``POST /v1/load_lora_adapter``, ``POST /v1/unload
 
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``.
 Every ``/v1`` route needs ``Authorization: Bearer KEY`` when the server has an API key
-(compared in constant time, ``auth.py``). ``/health`` and ``/metrics`` are open, as in vLLM.
+(compared in constant time, ``auth.py``), checked before the request body is read, and bodies
+are size-limited (``limits.py``). ``/health`` and ``/metrics`` are open, as in vLLM; their
+labels never name another owner's adapters.
 
 Other features add routes to the same app: ``create_app(engine, extra_routers=[router])``
 mounts each ``fastapi.APIRouter`` behind the same API-key check (``public_routers`` for
@@ -31,14 +33,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.serve.auth import KeyRing, require_api_key
+from lorakit.serve.auth import Caller, KeyRing, can_use, require_api_key
 from lorakit.serve.engine import Engine
+from lorakit.serve.limits import GuardMiddleware, Limits
 from lorakit.serve.protocol import APIError, error_body
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
                extra_routers: Sequence[Any] = (), public_routers: Sequence[Any] = (),
-               title: str = "lorakit", api_keys: dict[str, str] | None = None):
+               title: str = "lorakit", api_keys: dict[str, str] | None = None,
+               limits: Limits | None = None):
     """Build the FastAPI app around a started (or to-be-started) :class:`Engine`.
 
     Args:
@@ -47,15 +51,19 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
         request_log: a :class:`lorakit.serve.monitor.RequestLog` (None: no request log).
         extra_routers: ``fastapi.APIRouter`` objects mounted behind the API-key check.
         public_routers: routers mounted without it.
-        api_keys: several keys, each mapped to an owner name (``--keys-file``); the caller's
-            owner is ``request.state.owner`` (None when the server has no key).
+        api_keys: several keys, each mapped to an owner name (``--keys-file``; a
+            :class:`~lorakit.serve.auth.KeyFile` also says which are admin keys); the caller's
+            owner is ``request.state.owner`` (None when the server has no key) and
+            ``request.state.caller`` the :class:`~lorakit.serve.auth.Caller`.
+        limits: body sizes and the request deadline (:class:`~lorakit.serve.limits.Limits`).
 
     Returns:
         The app; ``app.state.engine``, ``app.state.metrics``, ``app.state.request_log``,
         ``app.state.keys`` (the :class:`~lorakit.serve.auth.KeyRing`) and
         ``app.state.require_api_key`` (a dependency) are there for other routers;
+        ``app.state.shutdown_hooks`` (callables run when the server shuts down);
         ``app.state.model_visible(owner, model)`` decides which models an owner may list and
-        use (everything by default; fine-tuning jobs make their models owner-only).
+        use (the adapter's owner, :func:`lorakit.serve.auth.can_use`).
     """
     from contextlib import asynccontextmanager
 
@@ -66,13 +74,23 @@ def create_app(engine: Engine, *, api_key: str | None = None, request_log=None,
     async def lifespan(app):
         engine.start()
         yield
+        # uvicorn re-raises SIGTERM once the app has shut down, so what must run at exit (the
+        # CLI's engine and jobs stop) runs here, not after uvicorn.run returns
+        for hook in app.state.shutdown_hooks:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(hook)
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.engine, app.state.request_log = engine, request_log
     app.state.metrics = ServeMetrics(engine)
-    app.state.keys = KeyRing(api_key, api_keys)
+    app.state.keys = keys = KeyRing(api_key, api_keys)
+    app.state.limits = limits = limits or Limits()
     app.state.require_api_key = require_api_key
-    app.state.model_visible = lambda owner, model: True
+    app.state.shutdown_hooks = []  # callables run (in order) when the server shuts down
+    app.state.model_visible = lambda owner, model, admin=False: model == engine.base_name or \
+        can_use(engine.adapter(model), Caller(owner, admin or not keys))
+    app.add_middleware(GuardMiddleware, keys=keys, limits=limits)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -112,14 +130,16 @@ class ServerThread:
     uvicorn in the foreground instead.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0,
+                 shutdown_timeout: float = 10):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=shutdown_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True, name="lorakit-uvicorn")

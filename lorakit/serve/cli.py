@@ -63,6 +63,21 @@ def add_parsers(subparsers) -> None:
     serve.add_argument("--max-model-len", type=int, default=None, metavar="L",
                        help="longest prompt + completion in tokens (default: the model's "
                             "max_position_embeddings)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="N",
+                       help="largest request body outside uploads, checked from Content-Length "
+                            "and while the body streams in; larger is a 413 (default: 4 MiB)")
+    serve.add_argument("--max-upload-bytes", type=int, default=1 << 30, metavar="N",
+                       help="largest /v1/files upload (default: 1 GiB)")
+    serve.add_argument("--request-timeout", type=float, default=600, metavar="S",
+                       help="a generation not finished S seconds after it arrived ends with a "
+                            "504 (waiting included; 0 = no deadline; default: 600)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30, metavar="S",
+                       help="on SIGTERM / Ctrl-C, wait at most S seconds for running requests "
+                            "(default: 30)")
+    serve.add_argument("--trusted-proxy", metavar="IPS",
+                       help="comma-separated addresses of reverse proxies whose X-Forwarded-Proto "
+                            "/ X-Forwarded-For are believed (the UI's cookie is Secure when the "
+                            "page came over https); default: none, the headers are ignored")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the base model's id in the API (default: --model as given)")
     serve.add_argument("--log", default="lorakit-requests.db", metavar="DB",
@@ -121,10 +136,17 @@ def run_serve(args, extend=None) -> int:
     from lorakit.serve.api import create_app
     from lorakit.serve.auth import api_key_from_env, load_keys
     from lorakit.serve.engine import Engine
+    from lorakit.serve.limits import Limits
     from lorakit.serve.monitor import RequestLog
 
     if args.max_loaded_adapters < 1 or args.max_batch_size < 1:
         raise ConfigError("--max-loaded-adapters and --max-batch-size must be >= 1")
+    if args.max_body_bytes < 1024 or args.max_upload_bytes < 1024:
+        raise ConfigError("--max-body-bytes and --max-upload-bytes must be at least 1024")
+    if args.request_timeout < 0 or args.shutdown_timeout < 0:
+        raise ConfigError("--request-timeout and --shutdown-timeout must be >= 0")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+                    request_timeout=args.request_timeout or None)
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         raise ConfigError(f"--adapter names must be unique, got {names}")
@@ -135,20 +157,25 @@ def run_serve(args, extend=None) -> int:
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
     engine.start()
     for name, path in args.adapter:
-        engine.add_adapter(name, path, wait=len(engine.resident_adapters()) < args.max_loaded_adapters)
+        engine.add_adapter(name, path, source="static",
+                           wait=len(engine.resident_adapters()) < args.max_loaded_adapters)
     log = None if args.log == "none" else RequestLog(args.log, log_text=args.log_text,
                                                      base_model=getattr(model, "lorakit_spec", None))
     api_key = api_key_from_env(args.api_key)
     api_keys = load_keys(args.keys_file) if args.keys_file else None
-    app = create_app(engine, api_key=api_key, api_keys=api_keys, request_log=log)
+    app = create_app(engine, api_key=api_key, api_keys=api_keys, request_log=log, limits=limits)
     stop = extend(args, engine, app) if extend is not None else None
+    if stop is not None:
+        app.state.shutdown_hooks.append(stop)
+    app.state.shutdown_hooks.append(engine.stop)
     print(f"lorakit serve: {base_name} + {len(names)} adapter(s) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key or api_keys else ''}", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    finally:
-        if stop is not None:
-            stop()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=args.shutdown_timeout,
+                    proxy_headers=bool(args.trusted_proxy),
+                    forwarded_allow_ips=args.trusted_proxy or "")
+    finally:  # normally done by the shutdown hooks already; both are idempotent
         engine.stop()
     return 0
 

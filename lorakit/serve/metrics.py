@@ -1,7 +1,9 @@
 """Prometheus metrics of the server (``GET /metrics``), via ``prometheus-client``.
 
 Each app gets its own ``CollectorRegistry`` so several servers (tests, benchmarks) can live in
-one process without clashing names. Labels: ``model`` is the base id or the adapter name.
+one process without clashing names. Labels: ``model`` is the base id or the adapter name;
+on a server with a keys file every owned adapter is counted as ``private``
+(:func:`lorakit.serve.auth.metrics_label`): ``/metrics`` is open and must not name them.
 """
 
 from __future__ import annotations

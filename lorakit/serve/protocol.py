@@ -28,20 +28,43 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class GenerationRequest(_Body):
-    """The sampling fields both completion endpoints take."""
+MAX_TOKENS_LIMIT = 1 << 20  # above any context; the real bound is --max-model-len
+SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's range
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+
+class GenerationRequest(_Body):
+    """The sampling fields both completion endpoints take. Every number has bounds (a value
+    outside them is a 400 naming the field); fields lorakit does not implement are refused
+    when they ask for something (``logprobs``, ``logit_bias``, ``best_of`` > 1) and accepted
+    when neutral."""
+
+    model: str = Field(max_length=512)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    best_of: int | None = Field(default=None, ge=1, le=1)
     ignore_eos: bool = False  # vLLM's extension
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logprobs: bool | int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+
+    def unsupported(self) -> str | None:
+        """The first field asking for something lorakit does not do (None: none)."""
+        if self.logprobs not in (None, False, 0) or self.top_logprobs:
+            return "logprobs"
+        if self.logit_bias:
+            return "logit_bias"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        return None
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -73,6 +96,9 @@ class APIError(Exception):
 
 
 def error_body(message: str, type_: str, param=None, code=None) -> dict:
+    """OpenAI's error object; the message is made encodable (a lone surrogate from the
+    client's own input would otherwise fail the JSON encoding of the answer)."""
+    message = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

@@ -37,3 +37,34 @@ def test_key_ring_owner():
     assert ring.owner("sk-main") == DEFAULT_OWNER
     assert ring.owner("sk-a ") is None and ring.owner("") is None and ring.owner("sk-") is None
     assert not KeyRing() and KeyRing().owner("anything") is None
+
+
+def test_keys_file_admin_marking_keeps_old_files_valid(tmp_path):
+    lines = tmp_path / "keys.txt"
+    lines.write_text("sk-a alice\nsk-r root admin\n")
+    keys = load_keys(lines)
+    assert keys == {"sk-a": "alice", "sk-r": "root"} and keys.admins == {"sk-r"}
+    js = tmp_path / "keys.json"
+    js.write_text('{"sk-a": "alice", "sk-r": {"owner": "root", "admin": true}}')
+    keys = load_keys(js)
+    assert keys == {"sk-a": "alice", "sk-r": "root"} and keys.admins == {"sk-r"}
+    ring = KeyRing("sk-main", keys)
+    assert ring.caller("sk-r").admin and not ring.caller("sk-a").admin
+    assert ring.caller("sk-main").admin  # --api-key is the operator's key
+    assert ring.caller("sk-a").owner == "alice" and ring.caller("nope") is None
+    js.write_text('{"sk-r": {"owner": "root", "admin": "yes"}}')
+    with pytest.raises(ConfigError, match="owner names"):
+        load_keys(js)
+
+
+def test_adapter_rights():
+    from lorakit.serve.auth import Caller, can_remove, can_use
+    from lorakit.serve.engine import AdapterEntry
+
+    static = AdapterEntry("a0", None, "s0", owner=None, source="static")
+    alices = AdapterEntry("x", None, "s1", owner="alice")
+    alice, bob, root = Caller("alice"), Caller("bob"), Caller("root", admin=True)
+    assert can_use(static, bob) and not can_remove(static, bob) and can_remove(static, root)
+    assert can_use(alices, alice) and can_remove(alices, alice)
+    assert not can_use(alices, bob) and not can_remove(alices, bob)
+    assert can_use(alices, root) and can_remove(alices, root)

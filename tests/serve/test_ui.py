@@ -38,14 +38,15 @@ def ui_service(serve_env, tmp_path_factory):
     engine.stop()
 
 
-def test_ui_needs_a_valid_key_and_keeps_it_in_a_strict_cookie(ui_service):
+def test_ui_needs_a_valid_key_and_keeps_a_session_in_a_strict_cookie(ui_service):
     url = ui_service["url"]
     page = httpx.get(url + "/ui")
     assert page.status_code == 401 and 'name="key"' in page.text
     assert httpx.get(url + "/ui/api/jobs/ftjob-x").status_code == 401
-    bad = httpx.post(url + "/ui/login", data={"key": "wrong"})
+    origin = {"Origin": url}  # browsers send it with every POST; the UI requires it
+    bad = httpx.post(url + "/ui/login", data={"key": "wrong"}, headers=origin)
     assert bad.status_code == 401 and "not valid" in bad.text
-    good = httpx.post(url + "/ui/login", data={"key": KEY})
+    good = httpx.post(url + "/ui/login", data={"key": KEY}, headers=origin)
     assert good.status_code == 303
     cookie = good.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie

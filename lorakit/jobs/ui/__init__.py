@@ -4,17 +4,29 @@ the evaluation report.
 
 Plain server-rendered HTML (Jinja2 templates in ``templates/``, autoescaped) plus one small
 script (``static/ui.js``: polls the job, draws the loss curve as SVG, runs the playground);
-no front-end build step. When the server has API keys, the UI asks for one once and keeps it
-in an HttpOnly, SameSite=Strict cookie; every page and UI call acts as that key's owner, with
-the same isolation as the API.
+no front-end build step. When the server has API keys, the UI asks for one once; the server
+keeps it in a server-side session table and the browser only a random session id (an
+HttpOnly, SameSite=Strict cookie, ``Secure`` when the page came over https; sessions expire
+after :data:`SESSION_TTL_S`). Every page and UI call acts as that key's owner, with the same
+isolation as the API.
+
+Cross-site request forgery: every state-changing request (the forms, the playground call)
+must come from this server's own pages: its ``Origin`` (or, without one, ``Referer``) must name
+this server's host, and it must carry the session's CSRF token (a hidden form field, or the
+``X-CSRF-Token`` header for the playground). Anything else is a 403.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
+import secrets
+import threading
+import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi import Request as HTTPRequest
@@ -30,11 +42,56 @@ from lorakit.jobs.store import TERMINAL, NotFound
 from lorakit.serve.auth import DEFAULT_OWNER
 
 HERE = Path(__file__).parent
-COOKIE = "lorakit_key"
+COOKIE = "lorakit_session"
+SESSION_TTL_S = 12 * 3600
+CSRF_FIELD, CSRF_HEADER = "csrf_token", "x-csrf-token"
 
 
 class _Login(Exception):
-    """No valid key cookie: show the login page."""
+    """No valid session: show the login page."""
+
+
+class _Forbidden(Exception):
+    """A state-changing request that did not come from this server's pages."""
+
+
+class Sessions:
+    """Server-side sessions: random id -> (owner, CSRF token, expiry). The cookie holds only
+    the id; the key itself never leaves the login request."""
+
+    def __init__(self, ttl_s: float = SESSION_TTL_S, max_sessions: int = 10000):
+        self.ttl_s, self.max_sessions = ttl_s, max_sessions
+        self._table: dict[str, tuple[str, str, float]] = {}
+        self._lock = threading.Lock()
+
+    def create(self, owner: str) -> tuple[str, str]:
+        """A new session for ``owner``: (session id, CSRF token)."""
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            if len(self._table) >= self.max_sessions:
+                self._table = {k: v for k, v in self._table.items() if v[2] > now}
+                while len(self._table) >= self.max_sessions:  # still full: oldest first
+                    self._table.pop(next(iter(self._table)))
+            self._table[sid] = (owner, csrf, now + self.ttl_s)
+        return sid, csrf
+
+    def get(self, sid: str | None) -> tuple[str, str] | None:
+        """(owner, CSRF token) of a live session (None: unknown or expired)."""
+        if not sid:
+            return None
+        with self._lock:
+            found = self._table.get(sid)
+            if found is None:
+                return None
+            if found[2] <= time.monotonic():
+                del self._table[sid]
+                return None
+            return found[0], found[1]
+
+    def drop(self, sid: str | None) -> None:
+        with self._lock:
+            self._table.pop(sid or "", None)
 
 
 def _templates():
@@ -52,28 +109,73 @@ class PlaygroundRequest(BaseModel):
     max_tokens: int = Field(default=64, ge=1, le=1024)
 
 
-def ui_router() -> APIRouter:
-    """Routes under ``/ui`` (public; each checks the key cookie itself)."""
+def _same_origin(http: HTTPRequest) -> bool:
+    """Does the request's ``Origin`` (or, without one, ``Referer``) name this server's host?
+    A request with neither is refused (browsers send ``Origin`` with every POST)."""
+    source = http.headers.get("origin") or http.headers.get("referer")
+    host = http.headers.get("host")
+    if not source or not host or source == "null":
+        return False
+    parts = urlsplit(source)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+
+
+def _secure(http: HTTPRequest) -> bool:
+    """Was the page served over TLS? (uvicorn sets the scheme from ``X-Forwarded-Proto`` only
+    for the proxies ``lorakit serve --trusted-proxy`` names.)"""
+    return http.url.scheme == "https"
+
+
+def ui_router(sessions: Sessions | None = None) -> APIRouter:
+    """Routes under ``/ui`` (public; each checks the session cookie itself)."""
     env = _templates()
     router = APIRouter(prefix="/ui")
+    sessions = sessions or Sessions()
+
+    def session(http: HTTPRequest) -> tuple[str, str]:
+        """(owner, CSRF token) of the request's session. A server without keys opens an
+        anonymous one (its forms still need the CSRF token)."""
+        found = sessions.get(http.cookies.get(COOKIE))
+        if found is not None:
+            return found
+        if http.app.state.keys:
+            raise _Login()
+        sid, csrf = sessions.create(DEFAULT_OWNER)
+        http.state.new_session = sid
+        return DEFAULT_OWNER, csrf
 
     def owner(http: HTTPRequest) -> str:
-        """The owner of the key in the cookie (the server's keys, ``app.state.keys``)."""
-        keys = http.app.state.keys
-        if not keys:
-            return DEFAULT_OWNER
-        found = keys.owner(http.cookies.get(COOKIE, ""))
-        if found is None:
-            raise _Login()
-        return found
+        return session(http)[0]
+
+    def check_post(http: HTTPRequest, token: str | None) -> str:
+        """A state-changing request: same origin and the session's CSRF token; its owner."""
+        who, csrf = session(http)
+        if not _same_origin(http) or not token or not hmac.compare_digest(
+                token.encode(), csrf.encode()):
+            raise _Forbidden()
+        return who
+
+    def set_session_cookie(response, http: HTTPRequest, sid: str) -> None:
+        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/ui",
+                            secure=_secure(http), max_age=int(sessions.ttl_s))
 
     def page(name: str, http: HTTPRequest, status: int = 200, **context) -> HTMLResponse:
+        csrf = ""
+        try:
+            csrf = session(http)[1]
+        except _Login:
+            pass
         html = env.get_template(name).render(base_name=http.app.state.jobs.base_name,
-                                             logged_in=bool(http.app.state.keys), **context)
-        return HTMLResponse(html, status_code=status)
+                                             logged_in=bool(http.app.state.keys),
+                                             csrf_token=csrf, **context)
+        response = HTMLResponse(html, status_code=status)
+        new = getattr(http.state, "new_session", None)
+        if new:
+            set_session_cookie(response, http, new)
+        return response
 
     def guarded(handler):
-        """Run a page handler as the cookie's owner; the login page when there is none."""
+        """Run a page handler as the session's owner; the login page when there is none."""
         import functools
 
         @functools.wraps(handler)
@@ -85,6 +187,12 @@ def ui_router() -> APIRouter:
                 if http.url.path.startswith("/ui/api/"):
                     return JSONResponse({"error": "log in at /ui"}, status_code=401)
                 return page("login.html", http, status=401, error=None)
+            except _Forbidden:
+                message = ("This request did not come from this server's own page (cross-site "
+                           "request check failed). Reload the page and try again.")
+                if http.url.path.startswith("/ui/api/"):
+                    return JSONResponse({"error": message}, status_code=403)
+                return page("error.html", http, status=403, error=message)
             except NotFound as exc:
                 return page("error.html", http, status=404, error=str(exc))
         return wrapper
@@ -106,26 +214,37 @@ def ui_router() -> APIRouter:
         return page("index.html", http, error=None, **index_context(http, owner(http)))
 
     @router.post("/login")
-    async def login(http: HTTPRequest, key: str = Form(...)):
-        if http.app.state.keys.owner(key) is None:
+    async def login(http: HTTPRequest, key: str = Form(..., max_length=4096)):
+        if not _same_origin(http):
+            return page("error.html", http, status=403, error="This login did not come from "
+                        "this server's own page (cross-site request check failed).")
+        keys = http.app.state.keys
+        who = keys.owner(key) if keys else DEFAULT_OWNER
+        if who is None:
             return page("login.html", http, status=401, error="That API key is not valid.")
+        sessions.drop(http.cookies.get(COOKIE))  # a fresh id at every login (no fixation)
+        sid, _ = sessions.create(who)
         response = RedirectResponse("/ui", status_code=303)
-        response.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/ui")
+        set_session_cookie(response, http, sid)
         return response
 
     @router.get("/logout")
-    async def logout():
+    async def logout(http: HTTPRequest):
+        sessions.drop(http.cookies.get(COOKIE))
         response = RedirectResponse("/ui", status_code=303)
         response.delete_cookie(COOKIE, path="/ui")
         return response
 
     @router.post("/files")
     @guarded
-    async def upload(http: HTTPRequest, file: UploadFile = File(...)):
-        who = owner(http)
+    async def upload(http: HTTPRequest, file: UploadFile = File(...),
+                     csrf_token: str = Form("")):
+        who = check_post(http, csrf_token)
+        limits = getattr(http.app.state, "limits", None)
         try:
             row = await upload_file(http.app.state.jobs, http.app.state.engine.tokenizer, who,
-                                    file.filename, file.read)
+                                    file.filename, file.read,
+                                    max_bytes=limits.max_upload_bytes if limits else None)
         except (ConfigError, DataError) as exc:
             return index_with_error(http, who, exc)
         return RedirectResponse(f"/ui/files/{row['id']}", status_code=303)
@@ -143,8 +262,9 @@ def ui_router() -> APIRouter:
                         validation_file: str = Form(""), method: str = Form("supervised"),
                         n_epochs: str = Form("auto"), learning_rate_multiplier: str = Form("auto"),
                         batch_size: str = Form("auto"), suffix: str = Form(""),
-                        lora_r: str = Form(""), beta: str = Form(""), max_steps: str = Form("")):
-        who = owner(http)
+                        lora_r: str = Form(""), beta: str = Form(""), max_steps: str = Form(""),
+                        csrf_token: str = Form("")):
+        who = check_post(http, csrf_token)
 
         def number(value: str, kind=int):
             value = value.strip()
@@ -190,9 +310,10 @@ def ui_router() -> APIRouter:
 
     @router.post("/jobs/{job_id}/cancel")
     @guarded
-    async def cancel(job_id: str, http: HTTPRequest):
+    async def cancel(job_id: str, http: HTTPRequest, csrf_token: str = Form("")):
+        who = check_post(http, csrf_token)
         try:
-            cancel_job(http.app.state.jobs, owner(http), job_id)
+            cancel_job(http.app.state.jobs, who, job_id)
         except ConfigError:
             pass  # already finished: the page shows it
         return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
@@ -238,9 +359,9 @@ def ui_router() -> APIRouter:
         from lorakit.data.tokenize import prompt_ids
         from lorakit.serve.engine import SamplingParams
 
-        who = owner(http)
+        who = check_post(http, http.headers.get(CSRF_HEADER))
         engine, visible = http.app.state.engine, http.app.state.model_visible
-        ids = prompt_ids(engine.tokenizer, body.prompt)  # one user turn through the template
+        ids = await run_in_threadpool(prompt_ids, engine.tokenizer, body.prompt)
         outputs = {}
         for model in body.models:
             try:

@@ -110,7 +110,8 @@ function lorakitJob(jobId, baseName) {
     try {
       const res = await fetch("/ui/api/playground", {
         method: "POST", credentials: "same-origin",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json",
+                   "X-CSRF-Token": document.querySelector('meta[name="csrf-token"]').content },
         body: JSON.stringify({ prompt: prompt, models: [baseName, fineTuned], max_tokens: 48 }),
       });
       const body = await res.json();
