@@ -18,6 +18,8 @@ from lorakit.errors import ConfigError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MODEL_KEYS = ["name", "device_map"]  # `model:` written as a mapping
+# the preference recipes (lorakit/train/dpo.py, docs/dpo.md); their settings are the dpo: section
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 
 # names users bring from PEFT / TRL / transformers -> ours
 _SYNONYMS = {
@@ -58,6 +60,8 @@ class LoraSection(_Section):
     # how A and B start (PEFT's init_lora_weights; docs/lora.md): pissa / olora move part of the
     # base into the adapter, loftq fits the adapter to a 4-bit base's quantization error
     init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    # LoRA+: the B matrices' learning rate as a multiple of A's (train.lr); null = plain LoRA
+    lr_ratio: Optional[float] = Field(None, gt=0)
 
     def to_lora_config(self):
         from lorakit.lora.config import LoraConfig
@@ -110,27 +114,41 @@ class TrainSection(_Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
+    # keep the tensors saved for backward in pinned CPU memory (CUDA only; docs/training.md)
+    activation_offload: bool = False
+    # adamw: torch's AdamW (fp32 moments, 8 bytes/param); adamw8bit / paged_adamw8bit:
+    # bitsandbytes' block-wise 8-bit AdamW (~2 bytes/param; paged: CUDA only). docs/training.md
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
     seed: int = 0
     eval_every: Optional[int] = Field(None, gt=0)
     save_every: Optional[int] = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    # tensorboard, wandb (offline without WANDB_API_KEY), mlflow (RUN/mlruns file store by
+    # default): the metrics.jsonl records; wandb / mlflow also get the config and the adapter
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    # NEFTune: noise of this strength on the input embeddings while training (null = off)
+    neftune_alpha: Optional[float] = Field(None, gt=0)
     # several processes (torchrun / --nproc): replicate the model (ddp) or shard it (fsdp);
     # batch_size is per process. See docs/distributed.md.
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class DpoSection(_Section):
-    """Preference optimisation settings (``method: dpo``; see docs/dpo.md)."""
+    """Preference optimisation settings (``method: dpo | orpo | simpo | kto``; docs/dpo.md)."""
 
-    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference
+    # dpo / kto: how far the policy may move from the reference; orpo: lambda, the weight of
+    # the odds-ratio term; simpo: the reward scale
+    beta: float = Field(0.1, gt=0)
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     # cDPO: the share of pairs assumed mislabelled (sigmoid loss only)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     sft_weight: float = Field(0.0, ge=0)  # + weight x NLL of the chosen answers (RPO)
     precompute_reference: bool = False  # reference log-probs once, cached in the run folder
+    simpo_gamma: float = Field(0.5, ge=0)  # simpo: the target reward margin (TRL's name)
+    desirable_weight: float = Field(1.0, gt=0)  # kto: weight of the desirable examples' loss
+    undesirable_weight: float = Field(1.0, gt=0)  # kto: ... and of the undesirable ones'
 
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self):
@@ -169,7 +187,8 @@ class RunConfig(_Section):
     # kept beside `model` so `cfg.model` stays the model spec. See docs/distributed.md.
     device_map: Optional[Union[Literal["auto", "balanced", "sequential"], dict[str, Union[int, str]]]] = None
     # dpo: preference optimisation with a LoRA adapter; QLoRA when `quantization` is given
-    method: Literal["lora", "qlora", "full", "dpo"] = "lora"
+    # orpo / simpo: reference-free preference objectives on pairs; kto: unpaired good/bad answers
+    method: Literal["lora", "qlora", "full", "dpo", "orpo", "simpo", "kto"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -183,8 +202,45 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _init_adapter_needs_dpo(self):
-        if self.init_adapter is not None and self.method != "dpo":
-            raise ValueError(f"init_adapter is used by method: dpo (method is {self.method!r})")
+        if self.init_adapter is not None and self.method not in PREFERENCE_METHODS:
+            raise ValueError(f"init_adapter is used by method: dpo, orpo, simpo or kto (method "
+                             f"is {self.method!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _lr_ratio_needs_an_adapter(self):
+        if self.lora.lr_ratio is not None and self.method == "full":
+            raise ValueError("lora.lr_ratio (LoRA+) sets the adapter's B matrices' learning "
+                             "rate; method: full trains no adapter")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_settings_fit_the_method(self):
+        d, m = self.dpo, self.method
+        if m not in PREFERENCE_METHODS or m == "dpo":
+            return self
+        if d.loss != "sigmoid":
+            raise ValueError(f"dpo.loss chooses DPO's loss; method {m} has its own (set "
+                             f"dpo.loss=sigmoid or method=dpo)")
+        if d.precompute_reference:
+            raise ValueError(f"dpo.precompute_reference: method {m} "
+                             + ("has no reference model" if m != "kto" else
+                                "scores mismatched pairs that change with every batch")
+                             + "; set dpo.precompute_reference=false")
+        if d.label_smoothing and m != "simpo":
+            raise ValueError(f"dpo.label_smoothing applies to method dpo and simpo, not {m}")
+        if d.sft_weight and m != "simpo":
+            raise ValueError("dpo.sft_weight: method orpo always adds the chosen answers' NLL "
+                             "(weight 1)" if m == "orpo" else
+                             "dpo.sft_weight applies to paired methods (dpo, simpo), not kto")
+        return self
+
+    @model_validator(mode="after")
+    def _replay_needs_sft(self):
+        if self.data.replay.fraction and self.method in PREFERENCE_METHODS:
+            raise ValueError("data.replay mixes rehearsal examples into SFT data (method lora, "
+                             "qlora or full); DPO trains on preference pairs: set "
+                             "data.replay.fraction=0, or replay in the SFT run DPO starts from")
         return self
 
     @model_validator(mode="after")
@@ -195,7 +251,7 @@ class RunConfig(_Section):
         if self.lora.init in ("pissa", "olora") and self.quantized:
             raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, which a "
                              f"4-bit base cannot take; with QLoRA use lora.init: loftq")
-        if self.lora.init in ("pissa", "olora") and self.method == "dpo":
+        if self.lora.init in ("pissa", "olora") and self.method in ("dpo", "kto"):
             raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, but DPO's "
                              f"reference is the base itself; use it for the SFT run instead")
         return self
@@ -204,7 +260,7 @@ class RunConfig(_Section):
     def quantized(self) -> bool:
         """Whether the base is loaded in 4 bits: ``method: qlora``, or ``method: dpo`` with a
         ``quantization`` section given."""
-        return self.method == "qlora" or (self.method == "dpo"
+        return self.method == "qlora" or (self.method in PREFERENCE_METHODS
                                            and "quantization" in self.model_fields_set)
 
     @model_validator(mode="before")
@@ -239,9 +295,9 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
-        if self.method == "dpo" and not self.quantized:
+        if self.method in PREFERENCE_METHODS and not self.quantized:
             data.pop("quantization")  # written, it would turn the run into QLoRA when read back
-        if self.method != "dpo":
+        if self.method not in PREFERENCE_METHODS:
             data.pop("dpo")
             data.pop("init_adapter")
         device_map = data.pop("device_map", None)

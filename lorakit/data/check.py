@@ -178,6 +178,9 @@ def check_data(paths, tokenizer=None, max_length: int = 2048, eval_path=None,
     kinds = Counter(ex.kind for ex in examples)
     report.update(examples=n, skipped=records - n, errors=[e.to_dict() for e in errors],
                   formats=dict(formats), kinds=dict(kinds))
+    if kinds.get("kto"):  # method kto: unpaired answers labelled desirable or not
+        good = sum(1 for ex in examples if ex.kind == "kto" and ex.label)
+        report["kto_labels"] = {"desirable": good, "undesirable": kinds["kto"] - good}
 
     # lengths, truncation, supervision
     if items:
@@ -250,7 +253,11 @@ def _warnings(r: dict, kinds: Counter) -> list[str]:
     if len(kinds) > 1:
         mix = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
         out.append(f"the data mixes example kinds ({mix}); SFT trains on chat and text, "
-                   "DPO needs preference")
+                   "DPO / ORPO / SimPO need preference, KTO needs kto records")
+    labels = r.get("kto_labels")
+    if labels and not (labels["desirable"] and labels["undesirable"]):
+        missing = "undesirable (label false)" if labels["desirable"] else "desirable (label true)"
+        out.append(f"no {missing} examples: KTO learns from both kinds")
     leak = r["leakage"]
     if leak and (leak["exact"] or leak["near"]):
         bad = leak["exact"] + leak["near"]

@@ -1,4 +1,5 @@
-"""``lorakit data ...`` sub-commands: ``data check`` validates files and prints a report."""
+"""``lorakit data ...`` sub-commands: ``data check`` validates files and prints a report;
+``data replay`` makes or shows the self-generated replay set (``lorakit/data/replay.py``)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def add_parsers(subparsers) -> None:
                        help="training sequence length, for the truncation count (default 2048)")
     check.add_argument("--format", default="auto",
                        help="force a format: prompt_completion, chat, instruction (alpaca), "
-                            "sharegpt, text, preference (default: detect per record)")
+                            "sharegpt, text, preference, kto (default: detect per record)")
     check.add_argument("--train-on", default="all_assistant",
                        choices=["all_assistant", "last_turn", "everything"],
                        help="which tokens are supervised (default all_assistant)")
@@ -40,6 +41,23 @@ def add_parsers(subparsers) -> None:
     check.add_argument("--strict", action="store_true", help="exit 1 if any record is bad")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=run_check)
+
+    replay = sub.add_parser(
+        "replay", help="make or inspect the self-generated replay set (data.replay)",
+        description="The replay set `data.replay: {fraction: F, file: null}` mixes into training: "
+                    "the base model's own greedy answers to lorakit's bundled general "
+                    "instructions, generated once and cached per base model. Prints where it is "
+                    "cached and a few examples; --out also writes it (or its first N) to FILE, "
+                    "to edit and pass as data.replay.file.")
+    replay.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL})")
+    replay.add_argument("--n", type=int, default=None, metavar="N",
+                        help="only the first N instructions (default all)")
+    replay.add_argument("--out", default=None, metavar="FILE", help="also write the records to FILE")
+    replay.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="answer length (default 128, as data.replay uses)")
+    replay.add_argument("--show", type=int, default=3, metavar="K", help="examples to print (default 3)")
+    replay.add_argument("--json", action="store_true", help="print a JSON summary")
+    replay.set_defaults(func=run_replay)
 
 
 def _load_tokenizer(model: str):
@@ -65,6 +83,38 @@ def run_check(args: argparse.Namespace) -> int:
         print_report(report)
     if report["examples"] == 0 or (args.strict and report["errors"]):
         return 1
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """``lorakit data replay``: the cached self-generated replay set (made on first use)."""
+    import sys
+
+    from lorakit.data import replay
+    from lorakit.errors import ConfigError
+    from lorakit.models.load import load_model
+
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tokenizer = load_model(args.model)
+    records, cached = replay.self_generated(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                            log=lambda m: print(m, file=sys.stderr))
+    records = records[:args.n] if args.n else records
+    if args.out:
+        replay.write_records(args.out, records)
+    summary = {"model": args.model, "cache": str(cached), "out": args.out, "records": len(records),
+               "instructions": len(replay.instructions()),
+               "instruction_set": replay.instruction_set_hash(),
+               "examples": records[:max(0, args.show)]}
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{len(records)} replay records for {args.model} (cached: {cached})"
+          + (f", written to {args.out}" if args.out else ""))
+    for r in summary["examples"]:
+        print(f"- {r['prompt']}\n  -> {r['completion'][:200]}")
     return 0
 
 

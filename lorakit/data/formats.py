@@ -9,10 +9,14 @@ Formats are detected per record from the keys present (mlx-lm style), or forced 
     sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
     text               {"text": str}
     preference         {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
+    kto                {"prompt": str|messages, "completion": str|messages, "label": bool}
+                       or {"messages": [...], "label": bool}   (the last assistant turn is judged)
 
 prompt_completion, instruction and sharegpt become ``kind="chat"`` examples (user prompt ->
 assistant answer) so the model's chat template applies to them; text stays ``kind="text"``;
-preference becomes ``kind="preference"`` with the prompt in ``messages``.
+preference becomes ``kind="preference"`` with the prompt in ``messages``; kto becomes
+``kind="kto"`` with the whole conversation in ``messages`` (prompt, then the judged answer)
+and ``label`` True for a desirable answer, False for an undesirable one.
 
 Files are JSONL (one object per line) or JSON (one list of objects), read by
 :func:`lorakit.data.jsonl.read_jsonl_records` (the rules for each suffix, and for hostile JSON,
@@ -37,7 +41,7 @@ from lorakit.data.jsonl import (  # noqa: F401  (re-exported: the readers' publi
 )
 from lorakit.errors import ConfigError, DataError, did_you_mean
 
-FORMATS = ("prompt_completion", "chat", "instruction", "sharegpt", "text", "preference")
+FORMATS = ("prompt_completion", "chat", "instruction", "sharegpt", "text", "preference", "kto")
 _ALIASES = {
     "auto": "auto",
     "alpaca": "instruction",
@@ -58,11 +62,12 @@ class Example:
     """One training example in lorakit's canonical form.
 
     Attributes:
-        kind: ``"chat"``, ``"text"`` or ``"preference"``.
+        kind: ``"chat"``, ``"text"``, ``"preference"`` or ``"kto"``.
         messages: for chat, the whole conversation; for preference, the prompt turns.
             Each message is ``{"role": "system"|"user"|"assistant", "content": str}``.
         text: the document, for ``kind="text"``.
         chosen, rejected: the preferred / dispreferred answer turns (preference only).
+        label: kto only: True when the last assistant turn is a desirable answer.
         source: ``(file, line)`` the example was read from (line is 1-based; for a
             ``datasets`` Dataset or a list the "line" is the 1-based row number).
         format: the input format it was read as (one of :data:`FORMATS`).
@@ -73,6 +78,7 @@ class Example:
     text: str | None = None
     chosen: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    label: bool | None = None
     source: tuple[str, int] = ("<memory>", 0)
     format: str = "chat"
 
@@ -139,6 +145,8 @@ def normalize_format(format: str) -> str:
 
 def detect_format(record: dict) -> str | None:
     """The format a record is in, judged from its keys, or ``None`` if none fits."""
+    if "label" in record and ("completion" in record or "messages" in record):
+        return "kto"
     if "messages" in record:
         return "chat"
     if "conversations" in record:
@@ -249,7 +257,30 @@ def _parse(record: dict, fmt: str) -> Example:
         if prompt[-1]["role"] == "assistant":
             raise _RecordError("prompt", "must not end with an assistant turn")
         return Example("preference", messages=prompt, chosen=chosen, rejected=rejected)
+    if fmt == "kto":
+        return _parse_kto(record)
     raise AssertionError(fmt)
+
+
+def _parse_kto(record: dict) -> Example:
+    """``{"prompt", "completion", "label"}`` or ``{"messages", "label"}`` -> ``kind="kto"``."""
+    if "messages" in record:
+        messages = _messages(record.get("messages"), "messages")
+        _check_conversation(messages, "messages")
+    else:
+        prompt = _as_turns(record.get("prompt"), "prompt", "user")
+        completion = _as_turns(record.get("completion"), "completion", "assistant")
+        if prompt[-1]["role"] == "assistant":
+            raise _RecordError("prompt", "must not end with an assistant turn")
+        if completion[-1]["role"] != "assistant":
+            raise _RecordError("completion", "must end with an assistant turn")
+        messages = prompt + completion
+    label = record.get("label")
+    if label is None:
+        raise _RecordError("label", "missing (true for a desirable answer, false otherwise)")
+    if not isinstance(label, bool):
+        raise _RecordError("label", f"must be true or false, got {show(label)}")
+    return Example("kto", messages=messages, label=label)
 
 
 def parse_record(record: Any, format: str = "auto") -> Example:

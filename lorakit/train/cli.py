@@ -17,12 +17,16 @@ Fine-tune a model with LoRA, QLoRA or full fine-tuning, or align it with DPO.
 
 Config keys (YAML, or dotted key=value overrides):
   model, method (lora|qlora|full|dpo|orpo|simpo|kto), output_dir, resume, init_adapter (dpo: SFT adapter),
-  lora.{r, alpha, dropout, target_modules, rslora, dora, bias, modules_to_save},
+  lora.{r, alpha, dropout, target_modules, rslora, dora, bias, modules_to_save, init,
+       lr_ratio (LoRA+)},
   quantization.{type, double_quant, compute_dtype},
-  data.{train, eval, eval_fraction, format, max_length, packing, train_on},
+  data.{train, eval, eval_fraction, format, max_length, packing, train_on,
+       replay.{fraction, file} (rehearsal against forgetting: docs/eval.md)},
   train.{epochs, max_steps, batch_size, grad_accum, lr, scheduler, warmup, weight_decay,
-         max_grad_norm, precision, grad_checkpointing, seed, eval_every, save_every,
-         keep_checkpoints, early_stopping_patience, log_every, report_to, strategy},
+         max_grad_norm, precision, grad_checkpointing, activation_offload, optimizer
+         (adamw|adamw8bit|paged_adamw8bit), seed, eval_every, save_every,
+         keep_checkpoints, early_stopping_patience, log_every, report_to (tensorboard|wandb|
+         mlflow), strategy, neftune_alpha},
   dpo.{beta, loss (sigmoid|ipo|hinge), label_smoothing, sft_weight, precompute_reference,
       simpo_gamma, desirable_weight, undesirable_weight}  (also orpo, simpo, kto: docs/dpo.md),
   model.{name, device_map}  (model: NAME is short for model.name)
@@ -121,6 +125,7 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     base is the same loaded model with the adapter switched off. Returns the eval result.
     """
     from lorakit.eval.compare import compare, format_table
+    from lorakit.eval.fewshot import config_few_shot
     from lorakit.eval.report import write_report
     from lorakit.lora.io import load_adapter
     from lorakit.train import common
@@ -139,7 +144,8 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     outcome = compare(model, tokenizer, cfg.data.eval, adapters=[name], metrics=[cfg.eval.metric],
                       max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
                       sql_db=cfg.eval.sql_db, forgetting=cfg.eval.forgetting,
-                      probe_limit=cfg.eval.probe_limit, safety=False, log=log)
+                      probe_limit=cfg.eval.probe_limit, safety=False, log=log,
+                      **config_few_shot(cfg))  # + the base-<K>shot row (eval.few_shot)
     print(format_table(outcome))
     paths = write_report(outcome, result.run_dir / "eval")
     log(f"report: {paths.get('html', result.run_dir / 'eval')}")

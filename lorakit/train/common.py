@@ -35,6 +35,29 @@ class TrainingError(LorakitError):
     """Training stopped on a problem the user must fix (NaN loss, out of memory, bad data)."""
 
 
+class CheckpointError(TrainingError):
+    """A run file (checkpoint, adapter, metrics log, summary) could not be written (disk full,
+    no permission) or a checkpoint could not be read back."""
+
+
+def write_errors(aliases: dict | None = None):
+    """Within this block a failed write (:class:`OSError`) becomes a one-line
+    :class:`CheckpointError` naming the file and what to do; ``aliases`` maps temporary
+    folders to the names the user knows (``.step-20.tmp`` -> ``step-20``)."""
+    import errno
+
+    from lorakit import fileio
+
+    def hint(exc: OSError) -> str:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "free space or set output_dir elsewhere"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return "make the folder writable or set output_dir elsewhere"
+        return "check the disk or set output_dir elsewhere"
+
+    return fileio.explain_write_errors(CheckpointError, hint=hint, aliases=aliases)
+
+
 @dataclass
 class TrainResult:
     """What a recipe's ``train`` returns: the run folder, its adapter (or full model) folder,
@@ -69,6 +92,8 @@ def load_base_for_config(cfg, device: torch.device | None = None, precision: str
     """
     from lorakit.models.load import load_model
 
+    check_optimizer(cfg, device)  # before the (slow, large) load
+    check_activation_offload(cfg, device)
     dtype = torch.float32
     if cfg.method != "full":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -81,10 +106,24 @@ def load_base_for_config(cfg, device: torch.device | None = None, precision: str
 
 
 def ready_to_train(model: nn.Module, cfg) -> None:
-    """Gradient checkpointing when ``train.grad_checkpointing``, then train mode."""
+    """Gradient checkpointing when ``train.grad_checkpointing``, NEFTune's noise on the input
+    embeddings when ``train.neftune_alpha``, then train mode."""
     if cfg.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    alpha = getattr(cfg.train, "neftune_alpha", None)
+    if alpha:
+        add_neftune(model, alpha)
     model.train()
+
+
+def add_neftune(model: nn.Module, alpha: float):
+    """NEFTune (arXiv 2310.05914): transformers' own forward hook on the input embeddings
+    adds uniform(-1, 1) x alpha / sqrt(L x d) noise (L: the batch's padded length, d: the
+    hidden size) while the embedding module is in train mode; eval and generation (eval
+    mode) see clean embeddings. Returns the hook's handle."""
+    from transformers.integrations.neftune import activate_neftune
+
+    return activate_neftune(model, alpha)
 
 
 # ---------------------------------------------------------------------- data files
@@ -130,15 +169,29 @@ def _read_examples(path, cfg, log) -> list:
 
 # ---------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the hardware runs it natively, else ``fp32``."""
+    """``auto`` -> ``bf16`` where the hardware runs it natively, else ``fp32`` (CUDA without
+    bf16: ``fp16``); see :func:`precision_choice` for the reason given in the run summary."""
+    return precision_choice(precision, device)[0]
+
+
+def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(resolved train.precision, why)``, the why for the log and ``summary.json``.
+
+    ``bf16`` stores the frozen base in bfloat16 (adapters and optimizer state stay float32) and
+    runs the step under bf16 autocast. On a CPU with AVX512-BF16 or AMX that step measured
+    faster than fp32 (docs/benchmarks.md, "Precision and dropout"); on other CPUs bf16 is
+    emulated and slower, so ``auto`` keeps fp32 there.
+    """
+    from lorakit.models.load import native_bf16_support
+
     if precision != "auto":
-        return precision
+        return precision, f"train.precision={precision}"
+    native, why = native_bf16_support(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # On CPUs fp32 won where we measured: SmolLM2-135M LoRA steps ran at ~380 tokens/s in fp32
-    # and ~220 with bf16 autocast on a 2-core AVX512-BF16 machine (docs/benchmarks.md).
-    # bf16 stays available explicitly (train.precision=bf16), e.g. for memory.
-    return "fp32"
+        return ("bf16" if native else "fp16"), f"auto: {why}"
+    if native:
+        return "bf16", f"auto: {why}, so the frozen base is stored in bf16 (faster than fp32 here)"
+    return "fp32", f"auto: {why}"
 
 
 def autocast(precision: str, device: torch.device):
@@ -147,6 +200,30 @@ def autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_activation_offload(cfg, device: torch.device | None = None) -> None:
+    """Refuse ``train.activation_offload`` off CUDA: it moves the tensors autograd keeps for
+    backward from GPU memory to pinned host memory, and on a CPU they are in host memory already.
+
+    Raises:
+        ConfigError: ``train.activation_offload`` on a device other than CUDA.
+    """
+    device = device or default_device()
+    if getattr(cfg.train, "activation_offload", False) and device.type != "cuda":
+        raise ConfigError(f"train.activation_offload moves activations from GPU to CPU memory; "
+                          f"this run is on {device.type}, where they are in CPU memory already. "
+                          f"Drop it, and use train.grad_checkpointing=true to lower activation "
+                          f"memory")
+
+
+def activation_offload(cfg, device: torch.device):
+    """Within this block (a forward pass) the tensors saved for backward go to pinned CPU memory
+    and come back in backward (``torch.autograd.graph.save_on_cpu``) when
+    ``train.activation_offload`` is on and the run is on CUDA; otherwise nothing changes."""
+    if getattr(cfg.train, "activation_offload", False) and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
 
 
 def default_device() -> torch.device:
@@ -192,16 +269,67 @@ def count_supervised(batch: dict[str, torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------- optimizer / schedule
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no decay on biases, norms and DoRA magnitudes."""
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    lr_ratio: float | None = None, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no decay on biases, norms and DoRA magnitudes.
+
+    ``optimizer`` (``train.optimizer``): ``adamw`` is torch's; ``adamw8bit`` /
+    ``paged_adamw8bit`` are bitsandbytes' block-wise 8-bit AdamW (see :func:`optimizer_class`).
+
+    ``lr_ratio`` (LoRA+, ``lora.lr_ratio``): the B matrices train at ``lr x lr_ratio`` and A
+    at ``lr``; as PEFT's ``create_loraplus_optimizer``, 1-D parameters (biases, DoRA
+    magnitudes) join B's rate. The groups at ``lr`` come first, so the logged rate is A's.
+    """
+    groups = {}  # (lr multiplier, decays) -> params
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        fast = lr_ratio is not None and ("lora_B" in name or "lora_embedding_B" in name
+                                         or param.ndim == 1)
+        groups.setdefault((lr_ratio if fast else 1.0, param.ndim >= 2), []).append(param)
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, not kv[0][1]))
+    return optimizer_class(optimizer)([{"params": params, "lr": lr * mult,
+                               "weight_decay": weight_decay if decays else 0.0}
+                              for (mult, decays), params in ordered],
+                             lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def optimizer_class(name: str):
+    """The optimizer class ``train.optimizer`` names: ``torch.optim.AdamW``, or bitsandbytes'
+    ``AdamW8bit`` / ``PagedAdamW8bit`` (same arguments; 8-bit moments for tensors of at least
+    4096 elements, fp32 below, as bitsandbytes' ``min_8bit_size``)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes as bnb
+
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+
+
+def check_optimizer(cfg, device: torch.device | None = None) -> None:
+    """Refuse, before anything is loaded, a ``train.optimizer`` this device or strategy cannot
+    run, naming the alternative.
+
+    bitsandbytes 0.50 runs ``adamw8bit`` on CPU and CUDA; paged optimizers page their state
+    through CUDA unified memory, which a CPU does not have (bitsandbytes would silently fall back
+    to the unpaged optimizer). (FSDP's DTensor shards are refused in
+    :func:`lorakit.train.distributed.check_compatible`.)
+
+    Raises:
+        ConfigError: the optimizer cannot run here.
+    """
+    name = getattr(cfg.train, "optimizer", "adamw")
+    if name == "adamw":
+        return
+    device = device or default_device()
+    if name == "paged_adamw8bit" and device.type != "cuda":
+        raise ConfigError(f"train.optimizer=paged_adamw8bit pages its state through CUDA unified "
+                          f"memory, which this device ({device.type}) does not have; use "
+                          f"train.optimizer=adamw8bit (the same 8-bit AdamW, unpaged) or adamw")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"train.optimizer={name} needs bitsandbytes ({exc}); install it "
+                          f"(pip install bitsandbytes) or use train.optimizer=adamw") from None
 
 
 def build_scheduler(optimizer, kind: str, warmup: float, total_steps: int):
@@ -226,7 +354,7 @@ def build_scheduler(optimizer, kind: str, warmup: float, total_steps: int):
 def optimizer_and_scheduler(model: nn.Module, cfg, total_steps: int):
     """The optimizer and learning-rate schedule the ``train`` section describes."""
     t = cfg.train
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, cfg.lora.lr_ratio, t.optimizer)
     return optimizer, build_scheduler(optimizer, t.scheduler, t.warmup, total_steps)
 
 
@@ -330,39 +458,66 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_MARKER = "checkpoint.json"  # written last: the checkpoint is complete
+
+
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
                     save_weights, keep: int) -> Path:
-    """Write ``checkpoints/step-N/`` atomically (built under a temporary name, then renamed)
-    and prune all but the newest ``keep``.
+    """Write ``checkpoints/step-N/`` so that a crash (even a power cut) leaves the previous
+    checkpoint or the new one, then prune all but the newest ``keep``.
 
-    ``save_weights(folder)`` writes the trainable weights (adapter or full model).
+    Every file is written durably (:mod:`lorakit.fileio`: temporary name, fsync, rename) into
+    ``.step-N.tmp/``; the marker ``checkpoint.json`` (each file's size) comes last, then the
+    folder is renamed into place and its parent fsynced. ``save_weights(folder)`` writes the
+    trainable weights (adapter or full model).
+
+    Raises:
+        CheckpointError: a write failed (disk full, no permission): one line naming the file.
+            The half-written folder is removed; older checkpoints are untouched.
     """
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    from lorakit import fileio
+
+    ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step-{loop.step}"
     tmp = ckpt_root / f".step-{loop.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "loop": json.dumps(asdict(loop))}, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": loop.step, "micro_index": loop.micro_index,
-                                                "loss": loop.last_loss}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with write_errors({tmp: final}):
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_weights(tmp)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": _rng_state(), "loop": json.dumps(asdict(loop))}
+            fileio.atomic_write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
+            fileio.atomic_write_json(tmp / "state.json", {
+                "step": loop.step, "micro_index": loop.micro_index, "loss": loop.last_loss})
+            fileio.fsync_tree(tmp)  # what save_weights wrote, and its renames
+            written = sorted(p for p in tmp.rglob("*") if p.is_file())
+            fileio.atomic_write_json(tmp / CHECKPOINT_MARKER, {
+                "step": loop.step,
+                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written}})
+            fileio.replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporaries of an interrupted save are ignored)."""
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every ``checkpoints/step-N/`` folder, complete or not, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (their ``checkpoint.json`` marker written), oldest first;
+    temporaries of an interrupted save are ignored."""
+    return [p for p in _checkpoint_folders(run_dir) if (p / CHECKPOINT_MARKER).is_file()]
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -371,26 +526,73 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from (None: it looks whole): no marker
+    (its write never finished), a file missing or of another size than the marker records
+    (truncated, as a power cut leaves an un-fsynced file), or a ``trainer_state.pt`` that is
+    not a whole torch archive. Cheap: sizes and the archive's directory, no tensor is read."""
+    import zipfile
+
+    marker = folder / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return f"it has no {CHECKPOINT_MARKER} marker (its write did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        sizes = {str(name): int(size) for name, size in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its marker {marker} is unreadable ({exc})"
+    if "trainer_state.pt" not in sizes:
+        sizes["trainer_state.pt"] = -1
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = path.stat().st_size
+        if size >= 0 and actual != size:
+            return f"{path} is truncated ({actual} of {size} bytes)"
+    try:
+        with zipfile.ZipFile(folder / "trainer_state.pt") as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{folder / 'trainer_state.pt'} is not a whole torch file ({exc})"
+    return None
+
+
 def resume_point(run_dir: Path, resume: bool, log) -> Path | None:
     """The checkpoint a run continues from (None: start at step 0).
 
-    ``resume`` on a folder with no checkpoint yet starts from scratch (said in the log);
-    without ``resume``, a folder that already holds a run is refused, so nothing is overwritten.
+    ``resume`` takes the newest checkpoint that is whole (:func:`checkpoint_problem`); each
+    newer one that is not is skipped with a warning naming it and why. A folder with no
+    (whole) checkpoint starts from scratch (said in the log). Without ``resume``, a folder
+    that already holds a run is refused, so nothing is overwritten.
     """
     if not resume:
         if (Path(run_dir) / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it, "
                               f"or choose another output_dir")
         return None
-    found = last_checkpoint(run_dir)
-    if found is None:
+    folders = _checkpoint_folders(run_dir)
+    for folder in reversed(folders):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"warning: skipping checkpoint {folder}: {problem}; trying an older one")
+    if folders:
+        log(f"resume=true but {run_dir} has no whole checkpoint: starting from scratch")
+    else:
         log(f"resume=true but {run_dir} has no checkpoint yet: starting from scratch")
-    return found
+    return None
 
 
 def load_checkpoint(folder: Path, optimizer, scheduler) -> LoopState:
     """Restore optimizer, scheduler and RNG from ``folder``; weights are the caller's job."""
-    state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    path = folder / "trainer_state.pt"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"could not read {path} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete "
+                              f"{folder} to resume from the checkpoint before it") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state["rng"])
@@ -451,12 +653,23 @@ def end_of_step(loop: LoopState, cfg, checkpoint, log, *, stop_requested: bool,
 # ---------------------------------------------------------------------- the finished run
 def save_final(run_dir: Path, save) -> Path:
     """The run's ``adapter/`` folder (a full model for ``method: full``): ``save(folder)``
-    writes it under a temporary name, which then replaces any older one."""
+    writes it under a temporary name, which is fsynced and then replaces any older one.
+
+    Raises:
+        CheckpointError: a write failed (disk full, no permission), naming the file.
+    """
+    from lorakit import fileio
+
     tmp, final = Path(run_dir) / ".adapter.tmp", Path(run_dir) / "adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with write_errors({tmp: final}):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(tmp)
+            fileio.fsync_tree(tmp)  # e.g. save_pretrained's files, not fsynced by it
+            fileio.replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 

@@ -289,7 +289,8 @@ def cached_reference(cfg, model, run_dir: Path, splits: dict[str, list[dict]], p
         batches = [list(range(s, min(s + step, len(pairs)))) for s in range(0, len(pairs), step)]
         out[f"{name}_chosen"], out[f"{name}_rejected"] = reference_logps(
             model, pairs, batches, pad_id, device, precision, has_reference_adapter)
-    atomic_save_safetensors(out, path, metadata={"fingerprint": fingerprint})
+    with common.write_errors():
+        atomic_save_safetensors(out, path, metadata={"fingerprint": fingerprint})
     log(f"reference log-probs of {sum(map(len, splits.values()))} pairs computed in "
         f"{time.perf_counter() - started:.1f} s and cached in {path}")
     return out
@@ -313,7 +314,7 @@ def score_batch(model, batch, ref: tuple[torch.Tensor, torch.Tensor] | None, cfg
         with reference(model, has_reference_adapter), common.autocast(precision, device):
             ref_logps, _ = sequence_logps(model, batch)
         ref = ref_logps.float().chunk(2)
-    with common.autocast(precision, device):
+    with common.autocast(precision, device), common.activation_offload(cfg, device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,): chosen rows, then rejected
     first, second = logps.chunk(2)
     first_tokens, second_tokens = n_tokens.chunk(2)
@@ -421,7 +422,8 @@ def evaluate(model, pairs, cfg, pad_id, device, precision, has_reference_adapter
 
 # ---------------------------------------------------------------------- the recipe
 def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainResult:
-    """Run DPO as ``cfg`` describes (``method: dpo``). Returns the run folder and summary.
+    """Run the preference objective ``cfg`` describes (``method: dpo | orpo | simpo | kto``).
+    Returns the run folder and summary.
 
     Raises:
         ConfigError / DataError / AdapterError: bad settings, data or init_adapter (no run
@@ -466,8 +468,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         f"{'examples' if cfg.method == 'kto' else 'pairs'}, {total_steps} steps, "
         f"reference = {ref_name}, precision {precision}, device {device}")
     tensorboard = report.summary_writer_class(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    report.write_config(run_dir, cfg)
 
     # 3. reference cache, weights to resume from, optimizer, schedule
     cache = None
@@ -554,6 +555,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
 
     # 5. finish
     if interrupted:
+        steps.finish_trackers(None)
         return TrainResult(run_dir, run_dir / "adapter", {}, interrupted=True)
     if eval_pairs and (last_eval is None or loop.step % (cfg.train.eval_every or loop.step + 1)):
         last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision, has_ref_adapter,
@@ -562,6 +564,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     summary = _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early,
                        len(train_pairs), len(eval_pairs), ref_name)
     _write_final(cfg, model, tokenizer, run_dir, loop, summary)
+    steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as an artifact
     return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
 
 
@@ -603,6 +606,7 @@ def _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_ear
         "final_eval_reward_margin": last_eval["eval_rewards/margin"] if last_eval else None,
         "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
         "precision": precision, "device": str(device), "stopped_early": stopped_early,
+        "precision_reason": common.precision_choice(cfg.train.precision, device)[1],
         "train_pairs": n_train, "eval_pairs": n_eval,
     }
 

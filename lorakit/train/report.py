@@ -12,33 +12,63 @@ import os
 import sys
 from pathlib import Path
 
+from lorakit import fileio
 from lorakit.errors import ConfigError
-from lorakit.train.common import LoopState
+from lorakit.train.common import LoopState, write_errors
 
 
 # ---------------------------------------------------------------------- metrics log
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step, flushed as it is written. On
-    resume, records after the checkpoint's step are dropped so the log has no duplicates."""
+def read_metrics(path: Path, log=None) -> list[dict]:
+    """The records of ``metrics.jsonl``. A line that is not a JSON object (the torn last line a
+    crash mid-write leaves) is skipped, with a warning through ``log`` when given."""
+    records = []
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if log is not None:
+                log(f"warning: {path}:{number} is not a whole JSON record (a write cut short); "
+                    f"skipped")
+            continue
+        records.append(record)
+    return records
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        elif resume_step is None and path.exists():
-            path.unlink()
-        self._file = open(path, "a")
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, each line appended with one write.
+    On resume, records after the checkpoint's step are dropped so the log has no duplicates,
+    and a torn last line (a crash mid-write) is cut off; the log is rewritten durably.
+
+    Raises:
+        CheckpointError: the log cannot be written (disk full, no permission), naming it.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, log=None):
+        self.path, self._fd = Path(path), None
+        with write_errors():
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in read_metrics(self.path, log) if r.get("step", 0) <= resume_step]
+                fileio.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif resume_step is None and self.path.exists():
+                self.path.unlink()
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise fileio._naming(exc, self.path) from None
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with write_errors():
+            fileio.append_line(self._fd, json.dumps(record) + "\n", self.path)
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def summary_writer_class(cfg):
@@ -46,8 +76,12 @@ def summary_writer_class(cfg):
     before the run folder is written, so a missing package leaves nothing behind.
 
     Raises:
-        ConfigError: tensorboard is asked for but not installed.
+        ConfigError: tensorboard (or wandb / mlflow: ``lorakit.train.trackers``) is asked for
+            but not installed.
     """
+    from lorakit.train.trackers import check_installed
+
+    check_installed(cfg)
     if "tensorboard" not in cfg.train.report_to:
         return None
     try:
@@ -112,8 +146,13 @@ class StepReport:
         self.run_dir, self.cfg, self.total, self.enabled = Path(run_dir), cfg, total_steps, enabled
         self.log, self.line, self.scalars = log, line, scalars
         self.metrics = (MetricsLog(self.run_dir / "metrics.jsonl",
-                                   resume_step=loop.step if resumed else None) if enabled else None)
+                                   resume_step=loop.step if resumed else None, log=log)
+                        if enabled else None)
         self.tb = tensorboard(str(self.run_dir / "tensorboard")) if tensorboard and enabled else None
+        from lorakit.train.trackers import Trackers
+
+        # wandb / mlflow (train.report_to): the same records as metrics.jsonl
+        self.trackers = Trackers(cfg, self.run_dir) if enabled else None
         self.bar = Progress(total_steps, loop.step, enabled=progress if enabled else False)
 
     def __enter__(self):
@@ -128,6 +167,8 @@ class StepReport:
             return
         if loop.step % self.cfg.train.log_every == 0 or eval_loss is not None:
             self.metrics.write(record)
+            if self.trackers is not None:
+                self.trackers.log(record, loop.step)
             if self.tb:
                 prefix, keys = self.scalars
                 for key in keys or [k for k in record if k not in ("step", "epoch")]:
@@ -145,6 +186,14 @@ class StepReport:
             metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=loop.step)
             metrics.write({"step": loop.step, **record})
             metrics.close()
+            if self.trackers is not None:
+                self.trackers.log(record, loop.step)
+
+    def finish_trackers(self, adapter_dir: Path | None) -> None:
+        """Attach the finished run's adapter (None: none, e.g. interrupted) to the wandb /
+        mlflow runs and close them."""
+        if self.trackers is not None:
+            self.trackers.finish(adapter_dir)
 
     def __exit__(self, *exc):
         try:
@@ -154,12 +203,23 @@ class StepReport:
                 self.metrics.close()
             if self.tb:
                 self.tb.close()
+            if exc and exc[0] is not None and self.trackers is not None:
+                self.trackers.finish(ok=False)  # the run failed: close the tracker runs
         return False
 
 
+def write_config(run_dir: Path, cfg) -> None:
+    """The run folder and its ``config.yaml``, the first file a run writes (durably)."""
+    with write_errors():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fileio.atomic_write_text(Path(run_dir) / "config.yaml", cfg.to_yaml())
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
-    """``summary.json``, the last file a finished run writes."""
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """``summary.json``, the last file a finished run writes (durably: temporary name, fsync,
+    rename)."""
+    with write_errors():
+        fileio.atomic_write_json(Path(run_dir) / "summary.json", summary)
 
 
 def plot_losses(history: list, path: Path, title: str) -> None:
@@ -183,8 +243,7 @@ def plot_metrics(metrics_path: Path, keys: list[str], path: Path, title: str,
                  ylabel: str) -> bool:
     """Curves of ``keys`` read back from ``metrics.jsonl`` (so a resumed run plots its whole
     history) to a PNG. Returns False, writing nothing, when no record holds any of them."""
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()
-               if line.strip()]
+    records = [r for r in read_metrics(metrics_path) if "step" in r]
     series = {k: [(r["step"], r[k]) for r in records if r.get(k) is not None] for k in keys}
     if not any(series.values()):
         return False
@@ -215,6 +274,10 @@ def _save_png(fig, path: Path) -> None:
     """Write the figure under a temporary name, then rename it into place, and free it."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with write_errors({tmp: path}):
+            fig.savefig(tmp)
+            os.replace(tmp, path)
+    finally:
+        _pyplot().close(fig)
+        tmp.unlink(missing_ok=True)

@@ -43,13 +43,19 @@ def setup_model(cfg: RunConfig, device: torch.device, precision: str):
 
 
 # ---------------------------------------------------------------------- 2. data
-def prepare_rows(cfg: RunConfig, tokenizer, log) -> tuple[list[dict], list[dict], dict]:
-    """Load, validate, split, tokenize and (optionally) pack the train and eval data."""
+def prepare_rows(cfg: RunConfig, tokenizer, log, model=None) -> tuple[list[dict], list[dict], dict]:
+    """Load, validate, split, tokenize and (optionally) pack the train and eval data; with
+    ``data.replay.fraction`` > 0, rehearsal examples are mixed into train (``model``: the base
+    that self-generates them, lorakit/data/replay.py)."""
     from lorakit.data.packing import pack_examples
     from lorakit.data.tokenize import tokenize_examples
 
     train, evals = common.load_train_and_eval(
         cfg, log, expected="a JSONL/JSON file, e.g. data.train=train.jsonl")
+    if cfg.data.replay.fraction:
+        from lorakit.data.replay import apply_replay
+
+        train = apply_replay(cfg, train, tokenizer, model, log)
 
     def rows_of(examples, what):
         tokenized = tokenize_examples(examples, tokenizer, cfg.data.max_length, cfg.data.train_on)
@@ -141,7 +147,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     model, tokenizer, counts = setup_model(cfg, device, precision)
     if cfg.device_map is not None:  # layers spread over devices: batches go where the input is
         device = model.get_input_embeddings().weight.device
-    train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer, log)
+    train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer, log, model)
     pad_id = pad_token_id(tokenizer)
     # one global micro-batch = batch_size rows on each process
     order = common.DataOrder(len(train_rows), cfg.train.batch_size * dist.world_size,
@@ -149,15 +155,15 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     micro_total, total_steps = common.count_steps(cfg, order)
     log(f"{cfg.method} on {cfg.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
         f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
-        f"{len(train_rows)} rows, {total_steps} steps, precision {precision}, device {device}"
+        f"{len(train_rows)} rows, {total_steps} steps, precision {precision} "
+        f"({common.precision_choice(cfg.train.precision, device)[1]}), device {device}"
         + (f", {dist.world_size} processes ({cfg.train.strategy}, batch {order.batch_size} rows "
            f"per micro-step)" if dist.enabled else ""))
 
     tensorboard = report.summary_writer_class(cfg)
     dist.barrier()  # every process has checked the run folder before rank 0 writes to it
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        report.write_config(run_dir, cfg)
 
     # 3. weights to resume from (before sharding), optimizer, schedule, resume
     if resume_from is not None:
@@ -228,7 +234,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
             for i, batch in enumerate(batches):
                 # gradients are averaged over processes, hence x world_size; synced once
                 with dist.sync_gradients(loss_module, i == len(batches) - 1):
-                    with common.autocast(precision, device):
+                    with common.autocast(precision, device), common.activation_offload(cfg, device):
                         loss_sum, _ = loss_module(batch)
                     (loss_sum * dist.world_size / max(n_sup, 1)).backward()
                 step_loss += float(loss_sum.detach())
@@ -258,6 +264,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
 
     # 5. finish
     if interrupted:
+        steps.finish_trackers(None)
         return TrainResult(run_dir, run_dir / "adapter", {}, interrupted=True)
     final_eval = loop.last_eval_loss
     if eval_rows and (not cfg.train.eval_every or loop.step % cfg.train.eval_every):
@@ -269,6 +276,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
                        data_stats, dist)
     if dist.is_main:
         _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary)
+        steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as artifact
     dist.barrier()
     return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
 
@@ -302,6 +310,7 @@ def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_ea
         "final_train_loss": loop.last_loss, "final_eval_loss": final_eval,
         "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
         "precision": precision, "device": str(device), "stopped_early": stopped_early,
+        "precision_reason": common.precision_choice(cfg.train.precision, device)[1],
         "world_size": dist.world_size, "strategy": cfg.train.strategy if dist.enabled else None,
         **data_stats,
     }

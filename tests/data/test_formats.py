@@ -153,5 +153,6 @@ def test_dataset_and_list_inputs():
 
 
 def test_all_formats_listed():
-    assert set(FORMATS) == {"prompt_completion", "chat", "instruction", "sharegpt", "text", "preference"}
+    assert set(FORMATS) == {"prompt_completion", "chat", "instruction", "sharegpt", "text", "preference",
+                            "kto"}
     assert Example("text", text="x").all_text() == "x"
