@@ -49,8 +49,9 @@ def add_parsers(subparsers) -> None:
                    "(default: 1)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward (less memory, one more forward)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="adamw (default: what lorakit train uses), adamw8bit, paged_adamw8bit, sgd")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw, adamw8bit, paged_adamw8bit, sgd (default: train.optimizer of "
+                        "--from-config, else adamw, lorakit train's default)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="compute dtype of the base and activations (default: bf16; fp32 with "
                         "--measure on a CPU, as lorakit trains there)")
@@ -97,12 +98,13 @@ def _settings(args) -> dict:
                            "lora_dropout": cfg.lora.dropout, "use_dora": cfg.lora.dora,
                            "seq_len": cfg.data.max_length, "batch_size": cfg.train.batch_size,
                            "grad_checkpointing": cfg.train.grad_checkpointing,
-                           "epochs": cfg.train.epochs}
+                           "epochs": cfg.train.epochs, "optimizer": cfg.train.optimizer}
             if cfg.train.precision in ("bf16", "fp16", "fp32"):
                 file_values["precision"] = cfg.train.precision
     defaults = {"model": "smollm2-135m", "method": "lora", "r": 16, "target_modules": "all-linear",
                 "lora_dropout": 0.05, "seq_len": 2048, "batch_size": 1,
-                "grad_checkpointing": False, "epochs": 1.0, "precision": None, "use_dora": False}
+                "grad_checkpointing": False, "epochs": 1.0, "precision": None, "use_dora": False,
+                "optimizer": "adamw"}
     out = {}
     for key, default in defaults.items():
         flag = getattr(args, key, None)
@@ -127,7 +129,7 @@ def run_estimate(args) -> int:
     est = estimate(s["model"], config=s["config"], method=s["method"], r=s["r"],
                    target_modules=s["target_modules"], seq_len=s["seq_len"],
                    batch_size=s["batch_size"], grad_checkpointing=s["grad_checkpointing"],
-                   optimizer=args.optimizer, precision=precision, lora_dropout=s["lora_dropout"],
+                   optimizer=s["optimizer"], precision=precision, lora_dropout=s["lora_dropout"],
                    use_dora=s["use_dora"], device=device, examples=args.examples,
                    avg_tokens=args.avg_tokens, epochs=s["epochs"], gpu=args.gpu,
                    price_per_hour=args.price_per_hour, mfu=args.mfu)
@@ -156,7 +158,7 @@ def _measure(args, s: dict, est) -> dict:
         raise ConfigError(f"--measure needs a model it can load (an alias such as "
                           f"smollm2-135m-instruct, a model folder, a .gguf file); "
                           f"{s['model']!r} is only an architecture here")
-    if args.optimizer != "adamw":
+    if s["optimizer"] != "adamw":
         raise ConfigError("--measure runs lorakit's own optimizer (AdamW); drop --optimizer")
     spec = MeasureSpec(model=s["model"], method=s["method"], r=s["r"],
                        target_modules=s["target_modules"], lora_dropout=s["lora_dropout"],

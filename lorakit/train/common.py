@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -169,8 +168,8 @@ def _read_examples(path, cfg, log) -> list:
 
 # ---------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the hardware runs it natively, else ``fp32`` (CUDA without
-    bf16: ``fp16``); see :func:`precision_choice` for the reason given in the run summary."""
+    """``auto`` -> ``bf16`` on CUDA with bf16 (``fp16`` without), ``fp32`` on CPUs; see
+    :func:`precision_choice` for the reason given in the run summary."""
     return precision_choice(precision, device)[0]
 
 
@@ -178,9 +177,8 @@ def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
     """``(resolved train.precision, why)``, the why for the log and ``summary.json``.
 
     ``bf16`` stores the frozen base in bfloat16 (adapters and optimizer state stay float32) and
-    runs the step under bf16 autocast. On a CPU with AVX512-BF16 or AMX that step measured
-    faster than fp32 (docs/benchmarks.md, "Precision and dropout"); on other CPUs bf16 is
-    emulated and slower, so ``auto`` keeps fp32 there.
+    runs the step under bf16 autocast. ``auto`` picks it on CUDA with bf16; on CPUs it keeps
+    fp32 and says whether the CPU has native bf16 (docs/benchmarks.md, "Precision and dropout").
     """
     from lorakit.models.load import native_bf16_support
 
@@ -190,7 +188,11 @@ def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         return ("bf16" if native else "fp16"), f"auto: {why}"
     if native:
-        return "bf16", f"auto: {why}, so the frozen base is stored in bf16 (faster than fp32 here)"
+        # bf16 autocast over a bf16 base measured slower than fp32 on a 2-core AVX512-BF16 CPU
+        # (~220 vs ~380 tokens/s, docs/benchmarks.md); a bf16 base without autocast is not yet
+        # measured on an idle machine, so auto keeps fp32 on CPUs for now
+        return "fp32", (f"auto: {why}, but bf16 autocast measured slower than fp32 on CPUs; "
+                        f"train.precision=bf16 forces it")
     return "fp32", f"auto: {why}"
 
 

@@ -399,6 +399,14 @@ def check_compatible(cfg, d: Dist) -> None:
         raise ConfigError("method=full with train.strategy=fsdp is not supported yet (lorakit "
                           "gathers adapters, not whole models, for checkpoints); use "
                           "train.strategy=ddp or method=lora")
+    optimizer = getattr(cfg.train, "optimizer", "adamw")
+    if d.enabled and d.strategy == "fsdp" and optimizer != "adamw":
+        # bitsandbytes' 8-bit update kernels get FSDP's DTensor shards and refuse them
+        # ("got mixed torch.Tensor and DTensor"), checked with bitsandbytes 0.50.2
+        raise ConfigError(f"train.optimizer={optimizer} cannot step FSDP's sharded (DTensor) "
+                          f"parameters; use train.optimizer=adamw with train.strategy=fsdp "
+                          f"(FSDP already splits the optimizer state across processes), or "
+                          f"train.strategy=ddp")
 
 
 Logger = Callable[[str], None]
