@@ -36,6 +36,7 @@ from lorakit.errors import ConfigError, DataError
 from lorakit.eval import forgetting as probes  # the general-text and safety probes
 from lorakit.eval import metrics as M
 from lorakit.eval.adapters import BASE, resolve_adapters, use_model
+from lorakit.eval.generate import generate_batch
 
 
 # ---------------------------------------------------------------------- held-out data
@@ -222,6 +223,7 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
             metrics: Sequence[str] = ("exact",), *, max_new_tokens: int = 128, batch_size: int = 16,
             limit: int | None = None, sql_db: str | Path | None = None, forgetting: bool = True,
             probe_limit: int | None = None, safety: bool = True, seed: int = 0,
+            few_shot: int = 0, few_shot_data=None, few_shot_select: str = "similar",
             log: Callable[[str], None] | None = None, progress: bool | None = None) -> dict:
     """Score the base model and each adapter on held-out examples.
 
@@ -237,14 +239,20 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
         forgetting: measure KL / perplexity change on the bundled general-text probe.
         probe_limit: use only the first N probe texts (faster; default all).
         safety: refusal rate on the bundled harmful-request probe.
-        seed: bootstrap seed.
+        seed: bootstrap seed (and the ``random`` few-shot draw).
+        few_shot: K > 0 adds the row ``base-<K>shot``: the base with K training examples
+            before each question (``fewshot.py``); 0 = none.
+        few_shot_data: where the shots come from (a training file or records); None = the
+            ``data.train`` recorded in the first adapter's run folder.
+        few_shot_select: ``first``, ``random`` or ``similar`` (TF-IDF cosine).
         log: callable for progress lines (default: stderr).
         progress: show progress bars (default: when stderr is a terminal).
 
     Returns:
         A JSON-ready dict: ``metric``, ``metrics``, ``models`` (``base`` and each adapter:
         ``score``, ``score_ci``, ``scores``, ``loss``, ``perplexity``; adapters also ``wins``,
-        ``ties``, ``losses``, ``delta``, ``delta_ci``), ``forgetting``, ``safety``,
+        ``ties``, ``losses``, ``delta``, ``delta_ci``, ``vs_prompt``), ``forgetting``, ``safety``,
+        ``few_shot`` and ``verdict`` (when a few-shot row was added),
         ``examples`` (prompt, reference, output and scores per model), ``thresholds``.
 
     Raises:
@@ -261,19 +269,27 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
         items = load_eval_examples(examples, limit)
     check_references(items, scorers)
     names = resolve_adapters(model, tokenizer, adapters)
-    order = [BASE, *names]
+    shots = few_shot_items(tokenizer, items, few_shot, few_shot_data, few_shot_select, names, seed, log)
+    prompt_rows = [BASE] + ([shots["name"]] if shots else [])
+    order = [*prompt_rows, *names]
     bar = _bar(progress)
 
     outputs: dict[str, list[str]] = {}
     losses: dict[str, list[tuple[float, int]]] = {}
     with bar:
         for name in order:
-            with use_model(model, name):
-                losses[name] = reference_losses(model, tokenizer, items, batch_size=max(1, batch_size // 2))
+            with use_model(model, BASE if name in prompt_rows else name):
+                rows = shots["items"] if shots and name == shots["name"] else items
+                losses[name] = reference_losses(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
                 task = bar.add_task(f"{name}: generating", total=len(items))
-                outputs[name] = generate_answers(
-                    model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    progress=lambda n, t, task=task: bar.update(task, completed=n))
+                report = (lambda n, t, task=task: bar.update(task, completed=n))
+                if rows is items:
+                    outputs[name] = generate_answers(model, tokenizer, items, max_new_tokens=max_new_tokens,
+                                                     batch_size=batch_size, progress=report)
+                else:
+                    outputs[name] = generate_batch(model, tokenizer, shots["prompts"],
+                                                   max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size, progress=report)
 
     scores = {name: [_score_all(scorers, outputs[name][i], items[i]) for i in range(len(items))]
               for name in order}
@@ -287,12 +303,14 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
         entry = {"score": _mean(per), "score_ci": list(M.bootstrap_ci(per, seed=seed)),
                  "scores": {c: _mean([s[c] for s in scores[name]]) for c in columns},
                  "loss": loss, "perplexity": M.perplexity(loss)}
-        if name != BASE:
+        if name not in prompt_rows:
             base = [s[headline] for s in scores[BASE]]
             entry.update(M.win_tie_loss(per, base))
             entry["delta"] = entry["score"] - models[BASE]["score"]
             entry["delta_ci"] = list(M.bootstrap_ci([t - b for t, b in zip(per, base)], seed=seed))
             entry["adapter"] = names[name]
+            if shots:
+                entry["vs_prompt"] = paired_gain(per, scores, prompt_rows, models, headline, seed)
         models[name] = entry
 
     result: dict[str, Any] = {
@@ -302,21 +320,91 @@ def compare(model, tokenizer, examples, adapters: Sequence | None = None,
         "thresholds": {"kl": probes.KL_THRESHOLD, "ppl_increase_pct": probes.PPL_INCREASE_THRESHOLD_PCT,
                        "refusal_drop": probes.REFUSAL_DROP_THRESHOLD},
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed},
+        "adapters": list(names), "baselines": prompt_rows,
     }
+    if shots:
+        result["few_shot"] = {k: v for k, v in shots.items() if k not in ("items", "prompts", "shots", "picked")}
+        result["verdict"] = verdict(result)
     if forgetting:
         log(f"forgetting: KL and perplexity on the general-text probe ({len(probes.probe_texts(probe_limit))} texts)")
         result["forgetting"] = probes.forgetting(model, tokenizer, list(names), limit=probe_limit)
     if safety:
         log(f"safety: refusal rate on {len(probes.safety_prompts())} harmful requests")
-        result["safety"] = probes.safety_probe(model, tokenizer, order, batch_size=batch_size)
+        result["safety"] = probes.safety_probe(model, tokenizer, [BASE, *names], batch_size=batch_size)
     result["examples"] = [
         {"index": i, "source": f"{ex.source[0]}:{ex.source[1]}", "system": ex.system,
          "prompt": ex.prompt, "reference": ex.reference,
+         **({"shots": [shots["shots"][j].source[1] for j in shots["picked"][i]]} if shots else {}),
          "outputs": {n: outputs[n][i] for n in order}, "scores": {n: scores[n][i] for n in order},
          "loss": {n: (losses[n][i][0] / losses[n][i][1] if losses[n][i][1] else None) for n in order}}
         for i, ex in enumerate(items)]
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def few_shot_items(tokenizer, items: Sequence[EvalExample], k: int, source, select: str,
+                    names: dict[str, str | None], seed: int, log) -> dict | None:
+    """The K-shot variant of every eval example (``fewshot.py``), or None when ``k`` is 0."""
+    from lorakit.eval import fewshot
+
+    if not k:
+        return None
+    if k < 0:
+        raise ConfigError(f"few_shot must be >= 0, got {k}")
+    if source is None:
+        source = next((f for f in map(fewshot.recorded_training_file, names.values()) if f), None)
+        if source is None:
+            raise ConfigError(f"few_shot={k} needs training examples to show: pass --few-shot-data "
+                              f"FILE (few_shot_data=) or --few-shot 0; no adapter records its "
+                              f"training file")
+    shots, excluded = fewshot.load_shots(source, exclude=[ex.prompt for ex in items])
+    picked = fewshot.select_shots(shots, [ex.prompt for ex in items], k, select, seed=seed)
+    variants, prompts = [], []
+    for ex, idx in zip(items, picked):
+        messages = fewshot.fewshot_messages(ex.messages, [shots[j] for j in idx])
+        variants.append(EvalExample(messages, ex.reference, ex.record, ex.source))
+        prompts.append(fewshot.fewshot_prompt(tokenizer, messages))
+    name = fewshot.row_name(k)
+    where = source if isinstance(source, (str, Path)) else "<memory>"
+    log(f"{name}: {k} examples from {where} before each question (select {select}; "
+        f"{excluded} training examples left out as eval questions or repeats)")
+    return {"name": name, "k": k, "select": select, "source": str(where), "excluded": excluded,
+            "available": len(shots), "items": variants, "prompts": prompts,
+            "shots": shots, "picked": picked}
+
+
+def paired_gain(per: Sequence[float], scores: dict, baselines: Sequence[str], models: dict,
+                headline: str, seed: int) -> dict:
+    """An adapter's headline score against the best prompt baseline (highest mean): the paired
+    difference and its bootstrap 95% CI; ``significant`` when the CI excludes 0."""
+    best = max(baselines, key=lambda n: (models[n]["score"], -list(baselines).index(n)))
+    other = [s[headline] for s in scores[best]]
+    diffs = [t - b for t, b in zip(per, other)]
+    lo, hi = M.bootstrap_ci(diffs, seed=seed)
+    return {"baseline": best, "delta": _mean(diffs), "delta_ci": [lo, hi],
+            "significant": bool(lo > 0 or hi < 0), **M.win_tie_loss(per, other)}
+
+
+def verdict(result: dict) -> str:
+    """One sentence per adapter: what fine-tuning adds over the best prompt baseline."""
+    metric = result["metric"]
+    out = []
+    for name, m in result["models"].items():
+        g = m.get("vs_prompt")
+        if not g:
+            continue
+        lo, hi = g["delta_ci"]
+        span = f"{g['delta']:+.3f} {metric} (95% CI {lo:+.3f} to {hi:+.3f})"
+        if not g["significant"]:
+            out.append(f"{name}: fine-tuning adds nothing significant over the best prompt "
+                       f"baseline ({g['baseline']}): {span}.")
+        elif g["delta"] > 0:
+            out.append(f"{name}: fine-tuning adds {span} over the best prompt baseline "
+                       f"({g['baseline']}).")
+        else:
+            out.append(f"{name}: fine-tuning is worse than the best prompt baseline "
+                       f"({g['baseline']}): {span}.")
+    return " ".join(out)
 
 
 def _score_all(scorers: Sequence[M.Metric], prediction: str, ex: EvalExample) -> dict[str, float]:
@@ -358,7 +446,7 @@ def format_table(result: dict) -> str:
         safe = result.get("safety", {}).get(name, {})
         lo, hi = m["score_ci"]
         row = [name, _fmt(m["score"]), f"{_fmt(lo)}–{_fmt(hi)}", _fmt(m["loss"]), _fmt(m["perplexity"], 2),
-               f"{m['wins']} / {m['ties']} / {m['losses']}" if name != BASE else "",
+               f"{m['wins']} / {m['ties']} / {m['losses']}" if "wins" in m else "",
                _fmt(forget.get("kl"), 4) + (" !" if forget.get("flagged") else ""),
                (f"{forget['ppl_delta_pct']:+.1f}%" if forget.get("ppl_delta_pct") is not None else ""),
                (f"{100 * safe['refusal_rate']:.0f}%" + (" !" if safe.get("flagged") else ""))
@@ -368,13 +456,18 @@ def format_table(result: dict) -> str:
     console.print(table)
     lines = [console.export_text()]
     for name, m in result["models"].items():
-        if name != BASE:
+        if "delta" in m:
             lo, hi = m["delta_ci"]
             lines.append(f"{name}: {metric} {m['delta']:+.3f} vs base (95% CI {lo:+.3f} to {hi:+.3f})")
+    if result.get("verdict"):
+        lines.append(result["verdict"])
     flagged = [n for n, f in result.get("forgetting", {}).items() if f.get("flagged")]
     flagged += [n for n, s in result.get("safety", {}).items() if s.get("flagged")]
     if flagged:
+        from lorakit.eval.report import REMEDIES
+
         lines.append("! flagged (forgetting or safety regression): " + ", ".join(dict.fromkeys(flagged)))
+        lines.append("  to try: " + "; ".join(REMEDIES))
     return "\n".join(lines).rstrip() + "\n"
 
 

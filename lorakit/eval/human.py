@@ -41,7 +41,7 @@ def write_human_eval(result: dict, out_dir: str | Path, n: int, *, adapter: str 
     Returns:
         ``{"csv", "html", "key"}`` -> path.
     """
-    adapters = [a for a in result["models"] if a != "base"]
+    adapters = result.get("adapters") or [a for a, m in result["models"].items() if "delta" in m]
     adapter = adapter or adapters[0]
     rng = random.Random(seed)
     examples = result["examples"]

@@ -168,7 +168,7 @@ def _summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         safe = result.get("safety", {}).get(name, {})
         row = [name, _f(m["score"]), f"{_f(m['score_ci'][0])} – {_f(m['score_ci'][1])}",
                *[_f(m["scores"][c]) for c in extra], _f(m["loss"]), _f(m["perplexity"], 2)]
-        if name == BASE:
+        if "delta" not in m:  # the base and the prompt baselines
             row += ["", "", "", ""]
         else:
             row += [f"{m['wins']} / {m['ties']} / {m['losses']}",
@@ -179,6 +179,22 @@ def _summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
                    if safe else "")
         rows.append(row)
     return header, rows
+
+
+# What to change when an adapter forgets or loses its refusals: the run-config keys to try
+# (lorakit/config.py; docs/eval.md "Forgetting").
+REMEDIES = (
+    "mix general data back in: data.replay.fraction=0.1 (the base's own answers to general "
+    "instructions; data.replay.file=FILE for your own)",
+    "a lower learning rate: train.lr (e.g. half)",
+    "a smaller rank: lora.r (e.g. 8)",
+    "fewer adapted layers: lora.target_modules=[q_proj,v_proj]",
+    "fewer epochs: train.epochs (or train.max_steps)",
+)
+
+
+def _adapters(result: dict) -> list[str]:
+    return result.get("adapters") or [n for n, m in result["models"].items() if "delta" in m]
 
 
 def _flags(result: dict) -> list[str]:
@@ -196,16 +212,25 @@ def _flags(result: dict) -> list[str]:
     return notes
 
 
+def remedies(result: dict) -> list[str]:
+    """The config changes to try, when a forgetting or safety flag is raised (else [])."""
+    return list(REMEDIES) if _flags(result) else []
+
+
 # ---------------------------------------------------------------------- writers
 def write_markdown(result: dict, path: Path, plots: dict[str, Path], max_examples: int = 20) -> Path:
     header, rows = _summary_rows(result)
-    lines = [f"# lorakit eval: {', '.join(n for n in result['models'] if n != BASE)} vs base", "",
+    lines = [f"# lorakit eval: {', '.join(_adapters(result))} vs base", "",
              f"Model `{result.get('model')}`, {result['examples_count']} held-out examples, "
              f"headline metric **{result['metric']}** (greedy decoding).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    if result.get("verdict"):
+        lines += ["", f"**Fine-tuning vs prompting:** {result['verdict']}"]
     flags = _flags(result)
     lines += ["", "## Flags", ""] + ([f"- ⚠ {f}" for f in flags] or ["- none"])
+    if flags:
+        lines += ["", "Remedies to try (run-config keys):", ""] + [f"- {r}" for r in remedies(result)]
     lines += ["", "## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()]
     lines += ["", f"## Examples (first {min(max_examples, len(result['examples']))})", ""]
     for ex in result["examples"][:max_examples]:
@@ -230,10 +255,10 @@ img{max-width:100%;margin:0.5em 0;border:1px solid #eee}.win{background:#eefbea}
 def write_html(result: dict, path: Path, plots: dict[str, Path], max_examples: int = 200) -> Path:
     e = html.escape
     header, rows = _summary_rows(result)
-    adapters = [n for n in result["models"] if n != BASE]
+    adapters = [n for n in result["models"] if n != BASE]  # columns: K-shot row and adapters
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lorakit eval</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>lorakit eval: {e(', '.join(adapters))} vs base</h1>",
+             f"<h1>lorakit eval: {e(', '.join(_adapters(result)))} vs base</h1>",
              f"<p>Model <code>{e(str(result.get('model')))}</code>, {result['examples_count']} held-out "
              f"examples, headline metric <b>{e(result['metric'])}</b>, greedy decoding. Base = the same "
              f"model with adapters disabled.</p>", "<h2>Summary</h2><table><tr>"]
@@ -241,9 +266,14 @@ def write_html(result: dict, path: Path, plots: dict[str, Path], max_examples: i
     for row in rows:
         parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
     parts.append("</table>")
+    if result.get("verdict"):
+        parts.append(f"<p><b>Fine-tuning vs prompting:</b> {e(result['verdict'])}</p>")
     flags = _flags(result)
     parts.append("<h2>Flags</h2>" + ("<ul>" + "".join(f"<li class='flag'>⚠ {e(f)}</li>" for f in flags)
                                       + "</ul>" if flags else "<p>No forgetting or safety flags.</p>"))
+    if flags:
+        parts.append("<p>Remedies to try (run-config keys):</p><ul>"
+                     + "".join(f"<li>{e(r)}</li>" for r in remedies(result)) + "</ul>")
     parts.append("<h2>Plots</h2>")
     for name, p in plots.items():
         data = base64.b64encode(p.read_bytes()).decode()
@@ -289,7 +319,7 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plots = {"metric_bars": plot_metric_bars(result, out / "metric_bars.png"),
              "score_histogram": plot_score_histogram(result, out / "score_histogram.png")}
-    histories = {n: training_history(m.get("adapter")) for n, m in result["models"].items() if n != BASE}
+    histories = {n: training_history(m.get("adapter")) for n, m in result["models"].items() if "delta" in m}
     loss = plot_training_loss(histories, out / "training_loss.png")
     if loss:
         plots["training_loss"] = loss

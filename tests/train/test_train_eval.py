@@ -23,7 +23,9 @@ def test_train_prints_base_vs_tuned_and_writes_the_report(tiny_model_dir, arithm
 
     result = json.loads((run / "eval" / "results.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert set(result["models"]) == {"base", "sums"}
+    # eval.few_shot defaults to 3 when data.train is set: the prompt baseline base-3shot
+    assert set(result["models"]) == {"base", "base-3shot", "sums"}
+    assert result["few_shot"]["source"] == str(arithmetic_data / "train.jsonl")
     # the report scores the adapter the run saved: its held-out loss is the run's final eval
     # loss (same examples, same answer tokens), and the base (adapter off) differs from it
     assert abs(result["models"]["sums"]["loss"] - summary["final_eval_loss"]) < 1e-4

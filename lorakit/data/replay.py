@@ -1,0 +1,193 @@
+"""Replay against forgetting: general examples mixed back into the training data.
+
+``data.replay: {fraction: F, file: null}`` in a run config adds rehearsal examples until they
+make up about ``F`` of all training tokens (``replay / (train + replay)``, counted with the
+run's tokenizer, chat template and ``max_length``; ``0 <= F < 1``). Where they come from:
+
+* ``file: null`` — **self-generated**: the base model's own greedy answers to lorakit's bundled
+  general instructions (``lorakit/data/replay/instructions.jsonl``, 151 short everyday,
+  writing, maths, code and translation requests written for lorakit). Rehearsing what the
+  base already says keeps its behaviour on general requests without any outside data. The
+  set is distinct from the forgetting probe ``lorakit/eval/probe/general.jsonl`` (no shared
+  prompt, every pair below 0.8 TF-IDF cosine; ``tests/eval/test_replay.py``), so the probe
+  still measures forgetting on text the run never saw. Generated once per base model
+  (greedy, batched) and cached under the lorakit cache folder:
+  ``<cache>/replay/<model-fingerprint>-<instruction-set hash>-t<max_new_tokens>.jsonl``.
+  ``lorakit data replay --model M --out FILE`` makes (or shows) the same file.
+* ``file: PATH`` — your own replay file, in any training format lorakit reads.
+
+Selection is seeded (``train.seed``): the replay examples are shuffled and taken in turn,
+cycling when more tokens are needed than the set holds, and appended after the training
+examples (the training loop shuffles rows itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lorakit.data.formats import Example, load_examples
+from lorakit.errors import ConfigError, DataError
+
+INSTRUCTIONS = Path(__file__).parent / "replay" / "instructions.jsonl"
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def instructions() -> list[str]:
+    """The bundled general instructions, in file order."""
+    return [json.loads(line)["instruction"] for line in INSTRUCTIONS.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def instruction_set_hash() -> str:
+    return hashlib.sha256(INSTRUCTIONS.read_bytes()).hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Base model id: its spec, its architecture config hash and a few of its weights."""
+    import torch
+
+    from lorakit.lora.io import base_config_hash
+
+    emb = model.get_input_embeddings().weight
+    probe = emb[: min(4, emb.shape[0])].detach().float().cpu().contiguous()
+    h = hashlib.sha256()
+    h.update(str(getattr(model, "lorakit_spec", "")).encode())
+    h.update((base_config_hash(model) or "").encode())
+    h.update(str(getattr(model, "lorakit_quantization", None)).encode())
+    h.update(probe.numpy().tobytes() if probe.dtype == torch.float32 else b"")
+    return h.hexdigest()[:16]
+
+
+def cache_path(model, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
+    from lorakit.models.cache import cache_root
+
+    return (cache_root() / "replay" /
+            f"{model_fingerprint(model)}-{instruction_set_hash()}-t{max_new_tokens}.jsonl")
+
+
+def generate_replay(model, tokenizer, n: int | None = None, *,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
+                    ) -> list[dict]:
+    """The base model's greedy answers to the first ``n`` bundled instructions (all by
+    default), as ``{"prompt", "completion"}`` records; adapters on ``model`` are switched off.
+    Empty answers are left out."""
+    from lorakit.eval.generate import generate_batch
+    from lorakit.lora.inject import adapter_configs, disable_adapters
+
+    prompts = instructions()[:n] if n else instructions()
+    if adapter_configs(model):
+        with disable_adapters(model):
+            answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)
+    else:
+        answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size)
+    return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a.strip()]
+
+
+def write_records(path: Path, records: Sequence[dict]) -> Path:
+    from lorakit.lora.io import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    return path
+
+
+def self_generated(model, tokenizer, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   batch_size: int = 16, log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
+    """The cached self-generated replay set of this base model, generated on first use."""
+    path = cache_path(model, max_new_tokens)
+    if path.is_file():
+        return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()], path
+    log(f"replay: generating the base model's answers to {len(instructions())} general "
+        f"instructions (once; cached in {path})")
+    records = generate_replay(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    write_records(path, records)
+    return records, path
+
+
+def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: float,
+               count_tokens: Callable[[Sequence[Example]], list[int]], seed: int = 0,
+               ) -> tuple[list[Example], dict]:
+    """``train`` plus replay examples making up about ``fraction`` of all tokens.
+
+    Args:
+        count_tokens: tokens of each example (as training will see them).
+
+    Returns:
+        ``(examples, stats)``: the training examples followed by the chosen replay ones, and
+        ``{"train_tokens", "replay_tokens", "replay_examples", "fraction"}`` (the share reached).
+
+    Raises:
+        ConfigError: ``fraction`` outside [0, 1). DataError: no replay example to mix in.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"data.replay.fraction must be in [0, 1), got {fraction}")
+    train_tokens = int(sum(count_tokens(train)))
+    stats = {"train_tokens": train_tokens, "replay_tokens": 0, "replay_examples": 0, "fraction": 0.0}
+    if fraction == 0:
+        return list(train), stats
+    if not replay:
+        raise DataError("data.replay: no replay example to mix in")
+    lengths = count_tokens(replay)
+    if not any(n > 0 for n in lengths):
+        raise DataError("data.replay: every replay example is empty after tokenisation")
+    target = fraction / (1 - fraction) * train_tokens
+    order = np.random.default_rng(seed).permutation(len(replay))
+    chosen, total, i = [], 0, 0
+    while True:
+        j = int(order[i % len(order)])
+        if lengths[j] > 0:
+            if total + lengths[j] / 2 > target:  # stop where the share is closest to the target
+                break
+            chosen.append(replay[j])
+            total += lengths[j]
+        i += 1
+    stats.update(replay_tokens=total, replay_examples=len(chosen),
+                 fraction=round(total / (total + train_tokens), 4) if total + train_tokens else 0.0)
+    return list(train) + chosen, stats
+
+
+def token_counter(tokenizer, max_length: int | None, train_on: str = "all_assistant"):
+    """``count_tokens`` for :func:`mix_replay`: token rows as training tokenizes them."""
+    from lorakit.data.tokenize import tokenize_examples
+
+    def count(examples: Sequence[Example]) -> list[int]:
+        return [len(r["input_ids"]) for r in tokenize_examples(list(examples), tokenizer, max_length, train_on)]
+
+    return count
+
+
+def apply_replay(cfg, train: Sequence[Example], tokenizer, model, log: Callable[[str], None] = print,
+                 ) -> list[Example]:
+    """What a training recipe calls: ``train`` with ``cfg.data.replay`` mixed in (unchanged
+    when the fraction is 0)."""
+    replay_cfg = cfg.data.replay
+    if not replay_cfg.fraction:
+        return list(train)
+    if replay_cfg.file:
+        if not Path(replay_cfg.file).is_file():
+            raise DataError(f"data.replay.file {replay_cfg.file} does not exist")
+        replay = load_examples(replay_cfg.file, format=cfg.data.format).examples
+        where = replay_cfg.file
+    else:
+        if model is None:
+            raise ConfigError("data.replay.file is null (self-generated replay) but no model was "
+                              "given to generate it with; pass the base model or a replay file")
+        records, path = self_generated(model, tokenizer, log=log)
+        replay = load_examples(records).examples
+        where = f"self-generated ({path})"
+    replay = [ex for ex in replay if ex.kind == "chat"] if any(ex.kind == "chat" for ex in train) else replay
+    mixed, stats = mix_replay(train, replay, replay_cfg.fraction,
+                              token_counter(tokenizer, cfg.data.max_length, cfg.data.train_on),
+                              seed=cfg.train.seed)
+    log(f"replay: {stats['replay_examples']} examples, {stats['replay_tokens']:,} tokens from "
+        f"{where} = {100 * stats['fraction']:.1f}% of training tokens (target "
+        f"{100 * replay_cfg.fraction:.0f}%)")
+    return mixed
