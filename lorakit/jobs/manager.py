@@ -210,9 +210,13 @@ class JobManager:
                 chunk = f.read()
             complete = chunk[:chunk.rfind(b"\n") + 1]
             self._tails[job["id"]] = (stat.st_ino, offset + len(complete))
-            for line in complete.decode().splitlines():
-                record = json.loads(line)
-                if record.get("loss") is None or record["step"] <= last:
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                try:  # a line torn by a crash (then continued on resume) is skipped
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if (not isinstance(record, dict) or record.get("loss") is None
+                        or not isinstance(record.get("step"), int) or record["step"] <= last):
                     continue
                 last = record["step"]
                 total = job["total_steps"]

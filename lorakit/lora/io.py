@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +65,12 @@ def chat_template_hash(tokenizer) -> str | None:
 
 # ---------------------------------------------------------------------- atomic writes
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` durably: a temporary file in the same folder, fsync, rename,
+    fsync of the folder (:func:`lorakit.fileio.atomic_write_bytes`; an ``OSError`` names
+    ``path``)."""
+    from lorakit import fileio
+
+    fileio.atomic_write_bytes(Path(path), data)
 
 
 def atomic_write_json(path: Path, obj) -> None:
