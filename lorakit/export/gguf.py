@@ -201,7 +201,10 @@ def _gguf_file(out: Path, arch: str, progress: bool):
     import gguf
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    # use_temp_file: each added tensor goes to a spooled temporary file (256 MB in memory,
+    # then disk) instead of being kept as an array until the end, so tensors can be handed
+    # over one at a time and freed
+    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
     try:
         yield writer
         writer.write_header_to_file()
@@ -224,11 +227,14 @@ def _tensor_names(arch: str, config):
 
 def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
                      tokenizer_gguf: str | os.PathLike | None = None, name: str | None = None,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, tensors=None) -> Path:
     """Write a plain transformers causal LM (e.g. a merged model) as a GGUF file.
 
     Args:
-        model: a llama / mistral / qwen2 transformers model with no adapters.
+        model: a llama / mistral / qwen2 transformers model with no adapters; or, with
+            ``tensors``, anything with its ``.config`` (e.g. a meta-device skeleton).
+        tensors: ``(name, tensor)`` pairs to write instead of ``model.state_dict()``, taken
+            one at a time (``lorakit.export.merge.LeanMerge.tensors``: the merge streamed).
         tokenizer: its Hugging Face tokenizer (used when ``tokenizer_gguf`` is None).
         out: the ``.gguf`` file to write (written under a temporary name, then renamed).
         out_type: "f32", "f16", "bf16" or "q8_0".
@@ -262,9 +268,9 @@ def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
                 writer.add_chat_template(template)
         else:
             _tokenizer_from_hf(writer, tokenizer, config.model_type)
-        state = model.state_dict()
+        items = model.state_dict().items() if tensors is None else tensors
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        for key, tensor in state.items():
+        for key, tensor in items:
             if tied and key == "lm_head.weight":
                 continue  # llama.cpp reuses token_embd when output.weight is absent
             gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -274,8 +280,10 @@ def write_model_gguf(model, tokenizer, out, out_type: str = "f16", *,
                 raise ExportError(f"no GGUF tensor name for {key} ({arch}); the model has a "
                                   f"layer llama.cpp's {arch} graph does not")
             array = _maybe_permute(key, tensor.detach().float().cpu(), arch, config).numpy()
+            del tensor
             data, raw = _encode(array, out_type, force_f32=array.ndim == 1)
             writer.add_tensor(gguf_name, data, raw_dtype=raw)
+            del array, data
     return out
 
 
@@ -399,7 +407,8 @@ def export_gguf(adapter_dir, out, model: str | None = None, *, out_type: str = "
     from rich.console import Console
 
     from lorakit.export import gguf_check, parity
-    from lorakit.export.merge import load_adapted_base, merge_adapter_into_base, prepare_output
+    from lorakit.export.merge import (LeanMerge, NotStreamable, load_adapted_base,
+                                      merge_adapter_into_base, prepare_output)
 
     console = console or Console(stderr=True)
     out = Path(out)
@@ -413,15 +422,46 @@ def export_gguf(adapter_dir, out, model: str | None = None, *, out_type: str = "
             raise ExportError("pass --adapter DIR (and optionally --model) or --model alone")
         spec = model
         merged, tokenizer = load_model(model, dtype=torch.float32, device="cpu")
+        lean = None
     else:
-        with console.status("loading the base model and the adapter…"):
-            adapted = load_adapted_base(adapter_dir, model, allow_base_mismatch=force)
-        spec, tokenizer = adapted.spec, adapted.tokenizer
-        gguf_arch(adapted.model)  # fail before merging
-        merged = merge_adapter_into_base(adapted.merge_source)
-    with console.status(f"writing {out} ({out_type})…"):
-        write_model_gguf(merged, tokenizer, tmp, out_type, tokenizer_gguf=_tokenizer_source(spec),
-                         name=out.stem)
+        try:
+            lean = LeanMerge(adapter_dir, model, allow_base_mismatch=force)
+        except NotStreamable:
+            lean = None
+    if lean is not None:  # layer by layer: the merged model is never in memory
+        from lorakit.models.stream import build_skeleton
+
+        spec, tokenizer = lean.spec, lean.tokenizer
+        skeleton = build_skeleton(lean.output_config(), torch.float32)
+        gguf_arch(skeleton)  # fail before merging
+        with console.status(f"merging layer by layer and writing {out} ({out_type})…"):
+            write_model_gguf(skeleton, tokenizer, tmp, out_type,
+                             tokenizer_gguf=_tokenizer_source(spec), name=out.stem,
+                             tensors=lean.tensors())
+        merged = None
+        if check:  # the reference: the merged model, written as a folder and read back
+            import shutil
+            import tempfile
+
+            from transformers import AutoModelForCausalLM
+
+            folder = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
+            try:
+                lean.write_folder(folder)
+                merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        del lean
+    else:
+        if adapter_dir is not None:
+            with console.status("loading the base model and the adapter…"):
+                adapted = load_adapted_base(adapter_dir, model, allow_base_mismatch=force)
+            spec, tokenizer = adapted.spec, adapted.tokenizer
+            gguf_arch(adapted.model)  # fail before merging
+            merged = merge_adapter_into_base(adapted.merge_source)
+        with console.status(f"writing {out} ({out_type})…"):
+            write_model_gguf(merged, tokenizer, tmp, out_type,
+                             tokenizer_gguf=_tokenizer_source(spec), name=out.stem)
     report = None
     if check:
         with console.status("checking the GGUF's greedy completions…"):

@@ -249,11 +249,15 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
     """``lorakit merge``: fold an adapter folder into its base, write a standard HF folder and
     gate it on parity with the adapter-on-base.
 
-    The folder is written under a temporary name, read back with plain transformers, and
-    compared (``lorakit.export.parity``) with the adapter over the float32 base and, for a
-    QLoRA adapter, over the 4-bit base too (the merge folds into the dequantized 4-bit
-    weights, so that row is the gate and the float32-base row is reported). Only when the gate
-    passes (or ``force``) is it renamed to ``out``; otherwise it is deleted.
+    The merge runs layer by layer (:class:`LeanMerge`: one tensor read from the base's
+    safetensors, folded, written and freed at a time) whenever the base is a safetensors
+    checkpoint on disk; other bases (``.bin`` weights, names needing transformers'
+    conversions) are merged in memory as before. The folder is written under a temporary
+    name, read back with plain transformers, and compared (``lorakit.export.parity``) with the
+    adapter over the float32 base and, for a QLoRA adapter, over the 4-bit base too (the merge
+    folds into the dequantized 4-bit weights, so that row is the gate and the float32-base row
+    is reported). The models of the gate are loaded one at a time. Only when the gate passes
+    (or ``force``) is it renamed to ``out``; otherwise it is deleted.
 
     Returns:
         ``{"out", "base", "dtype", "qlora", "parity": {label: report}, "passed", "forced"}``.
@@ -262,6 +266,7 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
         ExportError: ``out`` exists without ``overwrite``; parity worse than the thresholds.
         AdapterError / ModelLoadError: as :func:`load_adapted_base`.
     """
+    import gc
     import shutil
 
     from rich.console import Console
@@ -273,25 +278,46 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
     console = console or Console(stderr=True)
     tmp = prepare_output(out, overwrite)
     try:
-        with console.status("loading the base model and the adapter…"):
-            adapted = load_adapted_base(adapter_dir, model, allow_base_mismatch=force)
-        with console.status("merging…"):
-            merged = merge_adapter_into_base(adapted.merge_source, dtype=dtype)
-        with console.status(f"writing {out}…"):
-            save_hf_folder(merged, adapted.tokenizer, tmp, max_shard_size=max_shard_size)
-        del merged
+        try:
+            with console.status("reading the adapter and the base's checkpoint layout…"):
+                lean = LeanMerge(adapter_dir, model, dtype=dtype, allow_base_mismatch=force)
+        except NotStreamable:
+            lean = None
+        if lean is not None:
+            with console.status(f"merging layer by layer into {out}…"):
+                lean.write_folder(tmp, max_shard_size=max_shard_size)
+            spec, tokenizer, qlora, quant = lean.spec, lean.tokenizer, lean.qlora, lean.quant
+            del lean
+        else:
+            with console.status("loading the base model and the adapter…"):
+                adapted = load_adapted_base(adapter_dir, model, allow_base_mismatch=force)
+            with console.status("merging…"):
+                merged = merge_adapter_into_base(adapted.merge_source, dtype=dtype)
+            with console.status(f"writing {out}…"):
+                save_hf_folder(merged, adapted.tokenizer, tmp, max_shard_size=max_shard_size)
+            spec, tokenizer = adapted.spec, adapted.tokenizer
+            qlora, quant = adapted.quantized is not None, adapted.manifest.get("quantization")
+            del merged, adapted
+        gc.collect()
         with console.status("checking parity (reading the folder back with transformers)…"):
+            ids = parity.encode_prompts(tokenizer, prompts)
+            references = []
+            if qlora:
+                references.append(("adapter on 4-bit base", _adapter_on_base(
+                    adapter_dir, spec, quant), True))
+            references.append(("adapter on float32 base" if qlora else "adapter on base",
+                               _adapter_on_base(adapter_dir, spec, None), not qlora))
+            outputs = []
+            for label, load, gated in references:
+                reference = load()
+                outputs.append((label, parity.model_outputs(reference, ids, max_new_tokens),
+                                gated))
+                del reference
+                gc.collect()
             written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            ids = parity.encode_prompts(adapted.tokenizer, prompts)
-            rows = []
-            if adapted.quantized is not None:
-                rows.append(("adapter on 4-bit base", parity.compare(
-                    adapted.quantized, written, ids, max_new_tokens), True))
-                rows.append(("adapter on float32 base", parity.compare(
-                    adapted.model, written, ids, max_new_tokens), False))
-            else:
-                rows.append(("adapter on base", parity.compare(
-                    adapted.model, written, ids, max_new_tokens), True))
+            rows = [(label, parity.compare_outputs(ref, parity.model_outputs(
+                written, ids, max_new_tokens, follow=ref)), gated) for label, ref, gated in outputs]
+            del written
         parity.print_table(rows, dtype, console)
         bad = [f"{label}: {'; '.join(parity.failures(rep, dtype))}"
                for label, rep, gated in rows if gated and parity.failures(rep, dtype)]
@@ -304,7 +330,365 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "base": adapted.spec, "dtype": parity.dtype_name(dtype),
-            "qlora": adapted.quantized is not None,
-            "parity": {label: rep for label, rep, _ in rows}, "passed": not bad,
+    return {"out": str(out), "base": spec, "dtype": parity.dtype_name(dtype),
+            "qlora": qlora, "parity": {label: rep for label, rep, _ in rows}, "passed": not bad,
             "forced": bool(bad)}
+
+
+def _adapter_on_base(adapter_dir, spec: str, quant: dict | None):
+    """A loader (called when needed) of the adapter over the float32 base, or over the 4-bit
+    base quantized with the manifest's settings ``quant`` (as the QLoRA run trained)."""
+    def load():
+        import warnings
+
+        from lorakit.lora.io import load_adapter
+        from lorakit.models.load import load_model
+
+        if quant and quant.get("block_size", 64) == 64:  # streamed straight to 4-bit
+            base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu",
+                                         quantization=quant.get("type", "nf4"),
+                                         double_quant=quant.get("double_quant", True),
+                                         compute_dtype=torch.float32)
+        else:
+            base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu")
+            if quant:
+                from lorakit.models.quantize import quantize_model
+
+                quantize_model(base, quant_type=quant.get("type", "nf4"),
+                               double_quant=quant.get("double_quant", True),
+                               block_size=quant.get("block_size", 64),
+                               compute_dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the base was checked by the merge
+            load_adapter(base, adapter_dir, tokenizer=tokenizer)
+        return base.eval()
+    return load
+
+
+# ---------------------------------------------------------------------- layer-by-layer merge
+class NotStreamable(Exception):
+    """The base is not a safetensors checkpoint whose names match the model (``.bin`` weights,
+    a hub id not in the local cache, names needing transformers' conversions): the in-memory
+    merge is used instead."""
+
+
+def _plain_name(key: str, name: str) -> str:
+    """A saved bias / modules_to_save key as the merged model's parameter name."""
+    for part in (".base_layer.", ".original_module.", f".modules_to_save.{name}."):
+        key = key.replace(part, ".")
+    return key
+
+
+class LeanMerge:
+    """Fold an adapter folder into its base one tensor at a time, reading the base from its
+    safetensors checkpoint (a folder, the GGUF conversion cache, a hub snapshot).
+
+    Per tensor of the merged model, in model order: the base tensor is read from its shard
+    (float32), for a QLoRA adapter quantized with the manifest's settings by the function the
+    training load uses (``lorakit.models.quantize.linear4bit_from_weight``) and dequantized,
+    the adapter is folded in by :func:`_merged_layer` (the same code as the in-memory merge,
+    on a LoraLayer whose base holds just this one layer), and the result, cast to ``dtype``,
+    is handed to the writer and dropped. The model itself exists only on the meta device, so
+    memory is one layer's float32 temporaries plus the adapter.
+
+    Attributes:
+        spec, config, tokenizer, manifest, lora_config, qlora: what was merged.
+        plan: ``[(name, shape, dtype)]`` of every output tensor, in write order.
+        untied: the merged head no longer shares the embedding (tie_word_embeddings False).
+    """
+
+    def __init__(self, adapter_dir, model: str | None = None, *, dtype=torch.float32,
+                 allow_base_mismatch: bool = False, name: str = "default"):
+        import warnings
+
+        from lorakit.lora.io import (base_config_hash, load_adapter, read_adapter_folder,
+                                     split_keys)
+        from lorakit.models import stream
+        from lorakit.models.load import (_from_pretrained, _hf_source, _local_folder,
+                                         load_tokenizer, resolve_spec)
+        from transformers import AutoConfig
+
+        folder = read_adapter_folder(adapter_dir, strict=True)
+        self.spec = base_spec_for(adapter_dir, model)
+        resolved = resolve_spec(self.spec)
+        source = _hf_source(resolved)
+        base_folder = _local_folder(resolved, source)
+        layout = stream.checkpoint_layout(base_folder) if base_folder is not None else None
+        if layout is None:
+            raise NotStreamable(f"{self.spec}: no safetensors checkpoint on disk")
+        self.base_folder = base_folder
+        self.config = _from_pretrained(AutoConfig, resolved, str(base_folder))
+        self.tokenizer = load_tokenizer(self.spec)
+        plain = stream.build_skeleton(self.config, torch.float32)
+        mapping = stream.match_names(plain, layout)
+        if mapping is None:
+            raise NotStreamable(f"{self.spec}: tensor names need transformers' conversions")
+        self.layout, self.name, self.dtype = layout, name, dtype
+        self.manifest, self.lora_config = folder.manifest, folder.config
+        self.quant = folder.manifest.get("quantization") or None
+        self.qlora = self.quant is not None
+        self.lora = stream.build_skeleton(self.config, torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the hash is checked below
+            load_adapter(self.lora, adapter_dir, name)  # shapes checked; weights stay on meta
+        if not allow_base_mismatch:
+            folder.check_base(base_config_hash(plain), against=repr(self.spec),
+                              fix="pass the model it was trained on with --model, or --force "
+                                  "to export anyway")
+        layers, other = split_keys(folder.tensors())
+        self.adapted = {}
+        for path, layer in lora_layers(self.lora):
+            if name not in layer.lora_A:
+                continue
+            for module in (layer.lora_A[name], layer.lora_B[name]):
+                module.to_empty(device="cpu")
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name] = nn.Parameter(
+                    torch.empty_like(layer.lora_magnitude_vector[name], device="cpu"),
+                    requires_grad=False)
+            self.adapted[path] = layer
+        from lorakit.lora.io import copy_lora_weights
+
+        copy_lora_weights(self.lora, name, {p: t for p, t in layers.items() if p in self.adapted})
+        expected = plain.state_dict(keep_vars=True)
+        self.overrides = {}
+        for key, tensor in other.items():  # trained biases, modules_to_save copies
+            target = _plain_name(key, name)
+            if target not in expected:
+                raise AdapterError(f"{folder.weights_file}: tensor {key!r} matches no "
+                                   f"parameter of the base model")
+            self.overrides[target] = tensor
+        self.quantized = set()
+        if self.qlora:
+            from lorakit.models.quantize import quantizable_layers
+
+            self.quantized = {p for p, _ in quantizable_layers(plain)}
+        self.source = {}  # merged tensor name -> checkpoint name
+        aliases = stream._aliases(plain)
+        for ckpt, target in mapping.items():
+            for alias in aliases.get(target, [target]):
+                self.source.setdefault(alias, ckpt)
+        self.buffers = dict(plain.named_buffers())
+        # tied parameters are written once, unless the merge made their values differ
+        plan, self.untied, written = [], False, set()
+        for pname, tensor in expected.items():
+            group = aliases.get(pname, [pname])
+            if len(group) > 1 and any(self._changed(n) for n in group):
+                self.untied = True
+            elif any(n in written for n in group):
+                continue
+            written.add(pname)
+            out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+            plan.append((pname, tuple(tensor.shape), out_dtype))
+        self.plan = plan
+        self.conv1d = {p for p, m in plain.named_modules() if type(m).__name__ == "Conv1D"}
+        del plain
+
+    def _changed(self, pname: str) -> bool:
+        path, _, attr = pname.rpartition(".")
+        return pname in self.overrides or (attr == "weight" and path in self.adapted)
+
+    def _read(self, pname: str) -> torch.Tensor:
+        from lorakit.models import stream
+
+        if pname not in self.source:  # a persistent buffer the checkpoint does not hold
+            return self.buffers[pname].detach().clone()
+        ckpt = self.source[pname]
+        view = stream._read(self.layout.tensors[ckpt], ckpt)
+        tensor = view.float() if view.is_floating_point() else view.clone()
+        if tensor.data_ptr() == view.data_ptr():
+            tensor = tensor.clone()
+        return tensor
+
+    def _quantized(self, weight: torch.Tensor, conv1d: bool):
+        """The Linear4bit the QLoRA run trained on, from the dense float32 ``weight``."""
+        from lorakit.models.quantize import linear4bit_from_weight
+
+        q = self.quant
+        return linear4bit_from_weight(weight.t() if conv1d else weight, None,
+                                      quant_type=q.get("type", "nf4"),
+                                      double_quant=q.get("double_quant", True),
+                                      block_size=q.get("block_size", 64),
+                                      compute_dtype=torch.float32, conv1d=conv1d)
+
+    @torch.no_grad()
+    def tensor(self, pname: str) -> torch.Tensor:
+        """The merged model's tensor ``pname`` in the output dtype (computed now)."""
+        from lorakit.models.quantize import dequantize_weight
+
+        path, _, attr = pname.rpartition(".")
+        out_dtype = self._dtypes.get(pname, self.dtype)
+        if pname in self.overrides:
+            return self.overrides[pname].to(out_dtype)
+        conv1d = path in self.conv1d
+        quantized = attr == "weight" and path in self.quantized
+        if attr == "weight" and path in self.adapted:
+            layer = self.adapted[path]
+            meta_base, meta_fan = layer.base_layer, layer.fan_in_fan_out
+            weight = self._read(pname)
+            if quantized:
+                base = self._quantized(weight, conv1d)
+                layer.fan_in_fan_out = False
+            else:
+                base = _dense_layer(weight, conv1d)
+            del weight
+            layer.base_layer = base
+            try:
+                merged = _merged_layer(layer, self.name, out_dtype).weight.detach()
+            finally:
+                layer.base_layer, layer.fan_in_fan_out = meta_base, meta_fan
+            del base
+            return merged
+        tensor = self._read(pname)
+        if quantized:
+            dense = dequantize_weight(self._quantized(tensor, conv1d).weight)  # (out, in)
+            tensor = dense.t() if conv1d else dense
+        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+
+    @property
+    def _dtypes(self) -> dict:
+        cached = getattr(self, "_dtype_map", None)
+        if cached is None:
+            cached = self._dtype_map = {n: d for n, _, d in self.plan}
+        return cached
+
+    def tensors(self):
+        """``(name, tensor)`` of every output tensor in :attr:`plan` order, one at a time."""
+        from lorakit.models.stream import release_freed_memory
+
+        for count, (pname, _, _) in enumerate(self.plan):
+            yield pname, self.tensor(pname)
+            if count % 8 == 7:
+                release_freed_memory()
+
+    def output_config(self):
+        """The merged model's config: architectures set, untied when the head diverged, dtype
+        of the written weights, no quantization_config."""
+        import copy as copy_module
+
+        from transformers import AutoModelForCausalLM  # noqa: F401  (registers auto classes)
+
+        config = copy_module.deepcopy(self.config)
+        if self.untied:
+            for c in {id(c): c for c in (config, config.get_text_config())}.values():
+                if getattr(c, "tie_word_embeddings", False):
+                    c.tie_word_embeddings = False
+        arch = getattr(self.config, "architectures", None)
+        if not arch:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            arch = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.architectures = list(arch)[:1]
+        config.dtype = self.dtype
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        return config
+
+    def write_folder(self, out, max_shard_size: str | int = "2GB") -> None:
+        """Write the merged model as a Hugging Face folder (safetensors shards of at most
+        ``max_shard_size`` + index, config, generation config, tokenizer) tensor by tensor."""
+        from pathlib import Path
+
+        from transformers import GenerationConfig
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors_shards(out, self.plan, self.tensors(), max_shard_size)
+        self.output_config().save_pretrained(out)
+        generation = None
+        if (self.base_folder / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(self.base_folder)
+        else:
+            generation = GenerationConfig.from_model_config(self.config)
+        generation.save_pretrained(out)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
+
+
+def _dense_layer(weight: torch.Tensor, conv1d: bool) -> nn.Module:
+    """An nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out)) holding ``weight``,
+    without a bias (the merge reads only the weight)."""
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(weight.shape[1], weight.shape[0]).to("meta")
+        layer.bias = None
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_shards(folder, plan, tensors, max_shard_size: str | int = "2GB") -> list:
+    """Write tensors as safetensors shards without holding a shard in memory.
+
+    The shards are planned from ``plan`` (``[(name, shape, dtype)]``: sizes are known before
+    any tensor is computed), so each shard's header is written first and every tensor's bytes
+    are appended as ``tensors`` (an iterator of ``(name, tensor)`` in plan order) yields them.
+    The files are what ``save_pretrained`` writes: ``model.safetensors``, or
+    ``model-0000K-of-0000N.safetensors`` + ``model.safetensors.index.json`` when the tensors
+    exceed ``max_shard_size`` (a tensor larger than that gets a shard of its own).
+
+    Returns:
+        The shard file names.
+    """
+    import json
+    import math
+    import os
+    from pathlib import Path
+
+    from transformers.utils.hub import convert_file_size_to_int
+
+    folder = Path(folder)
+    limit = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) \
+        else int(max_shard_size)
+    sizes = [(n, s, d, math.prod(s) * torch.empty((), dtype=d).element_size())
+             for n, s, d in plan]
+    groups, current, used = [], [], 0
+    for entry in sizes:
+        if current and used + entry[3] > limit:
+            groups.append(current)
+            current, used = [], 0
+        current.append(entry)
+        used += entry[3]
+    if current or not groups:
+        groups.append(current)
+    files = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    weight_map, total = {}, 0
+    iterator = iter(tensors)
+    for file, group in zip(files, groups):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, nbytes in group:
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        total += offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        path = folder / file
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shape, dtype, nbytes in group:
+                got_name, tensor = next(iterator)
+                if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise RuntimeError(f"merge produced {got_name} {tuple(tensor.shape)} "
+                                       f"{tensor.dtype}, expected {name} {shape} {dtype}")
+                data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+                f.write(memoryview(data.numpy()))
+                del tensor, data
+            f.flush()
+            os.fsync(f.fileno())
+    if len(files) > 1:
+        from lorakit.lora.io import atomic_write_json
+
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files

@@ -107,6 +107,53 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[i
 
 
 @torch.no_grad()
+def model_outputs(model, prompt_ids: list[torch.Tensor], max_new_tokens: int = 16,
+                  follow: list[dict] | None = None) -> list[dict]:
+    """What :func:`compare` needs of one model, so that two models never have to be in memory
+    together: per prompt its own ``max_new_tokens`` greedy tokens and its float32 logits over
+    the teacher-forced sequence (prompt + the reference's continuation: its own when
+    ``follow`` is None, else ``follow``'s, the reference's outputs).
+
+    Returns:
+        ``[{"tokens": [int], "full": (1, T) ids, "logits": (T, vocab) float32}]``.
+    """
+    out = []
+    for k, ids in enumerate(prompt_ids):
+        tokens = greedy_tokens(model, ids, max_new_tokens)
+        full = torch.cat([ids, torch.tensor([tokens])], dim=1) if follow is None \
+            else follow[k]["full"]
+        device = next(model.parameters()).device
+        logits = model(input_ids=full.to(device)).logits.float().cpu()[0]
+        out.append({"tokens": tokens, "full": full, "logits": logits})
+    return out
+
+
+def compare_outputs(reference: list[dict], candidate: list[dict]) -> dict:
+    """:func:`compare`'s report from two :func:`model_outputs` (the candidate's computed with
+    ``follow=reference``)."""
+    max_abs, kl_sum, agree_sum, positions, matches, prefix = 0.0, 0.0, 0.0, 0, 0, 0.0
+    for ref, cand in zip(reference, candidate):
+        a, b = ref["logits"].double(), cand["logits"].double()  # (positions, vocab)
+        logp_a, logp_b = a.log_softmax(-1), b.log_softmax(-1)
+        kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)
+        n = a.shape[0]
+        max_abs = max(max_abs, (a - b).abs().max().item())
+        kl_sum += kl.mean().item() * n
+        agree_sum += (a.argmax(-1) == b.argmax(-1)).float().mean().item() * n
+        positions += n
+        ref_tokens, cand_tokens = ref["tokens"], cand["tokens"]
+        matches += ref_tokens == cand_tokens
+        common = next((i for i, (x, y) in enumerate(zip(ref_tokens, cand_tokens)) if x != y),
+                      len(ref_tokens))
+        prefix += common / max(1, len(ref_tokens))
+    count = max(1, len(reference))
+    return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / max(1, positions),
+            "argmax_agreement": agree_sum / max(1, positions),
+            "greedy_match": matches / count, "greedy_token_agreement": prefix / count,
+            "positions": positions, "prompts": len(reference)}
+
+
+@torch.no_grad()
 def compare(reference, candidate, prompt_ids: list[torch.Tensor],
             max_new_tokens: int = 16) -> dict:
     """Parity of ``candidate`` against ``reference`` over several prompts.
@@ -117,28 +164,11 @@ def compare(reference, candidate, prompt_ids: list[torch.Tensor],
         teacher-forced position (prompt + the reference's continuation); ``greedy_match`` the
         fraction of prompts whose free-running greedy continuations are identical,
         ``greedy_token_agreement`` the mean fraction of continuation tokens before the two
-        first differ.
+        first differ. (:func:`model_outputs` + :func:`compare_outputs` compute the same one
+        model at a time.)
     """
-    max_abs, kl_sum, agree_sum, positions, matches, prefix = 0.0, 0.0, 0.0, 0, 0, 0.0
-    for ids in prompt_ids:
-        ref_tokens = greedy_tokens(reference, ids, max_new_tokens)
-        cand_tokens = greedy_tokens(candidate, ids, max_new_tokens)
-        full = torch.cat([ids, torch.tensor([ref_tokens])], dim=1)
-        report = parity_report(reference, candidate, full)
-        n = report["positions"]
-        max_abs = max(max_abs, report["max_abs_logit_diff"])
-        kl_sum += report["mean_kl"] * n
-        agree_sum += report["greedy_agreement"] * n
-        positions += n
-        matches += ref_tokens == cand_tokens
-        common = next((i for i, (a, b) in enumerate(zip(ref_tokens, cand_tokens)) if a != b),
-                      len(ref_tokens))
-        prefix += common / max(1, len(ref_tokens))
-    count = max(1, len(prompt_ids))
-    return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / max(1, positions),
-            "argmax_agreement": agree_sum / max(1, positions),
-            "greedy_match": matches / count, "greedy_token_agreement": prefix / count,
-            "positions": positions, "prompts": len(prompt_ids)}
+    ref = model_outputs(reference, prompt_ids, max_new_tokens)
+    return compare_outputs(ref, model_outputs(candidate, prompt_ids, max_new_tokens, follow=ref))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

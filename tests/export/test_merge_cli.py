@@ -136,15 +136,13 @@ def test_bf16_weights_written_and_gated_with_bf16_thresholds(tmp_path, capsys):
 def test_parity_gate_rejects_a_wrong_merge(tmp_path, capsys, monkeypatch):
     base = save_base(tmp_path, "llama")
     adapter = make_adapter(tmp_path, base)
-    real = merge_module.merge_adapter_into_base
+    real = merge_module.LeanMerge.tensor
 
-    def broken(model, name="default", dtype=torch.float32):  # a merge that drops half of B A
-        merged = real(model, name, dtype)
-        with torch.no_grad():
-            merged.model.layers[0].mlp.down_proj.weight.mul_(1.5)
-        return merged
+    def broken(self, name):  # a merge that scales one adapted weight by 1.5
+        tensor = real(self, name)
+        return tensor * 1.5 if name == "model.layers.0.self_attn.q_proj.weight" else tensor
 
-    monkeypatch.setattr(merge_module, "merge_adapter_into_base", broken)
+    monkeypatch.setattr(merge_module.LeanMerge, "tensor", broken)
     out = tmp_path / "merged"
     args = ["--adapter", adapter, "--out", out, "--prompts", write_prompts(tmp_path)]
     rc, _, err = _merge(capsys, *args)
