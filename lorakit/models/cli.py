@@ -71,10 +71,10 @@ def run_info(args) -> int:
 
     info = model_info(args.model)
     if args.quantization:
-        from lorakit.models.load import _meta_model, resolve_spec
+        from lorakit.models.load import meta_model, resolve_spec
         from lorakit.models.quantize import estimate_quantized_bytes
 
-        meta, _ = _meta_model(resolve_spec(args.model))
+        meta, _ = meta_model(resolve_spec(args.model))
         info["quantized"] = {"type": args.quantization, "double_quant": not args.no_double_quant,
                              **estimate_quantized_bytes(meta, args.quantization,
                                                         not args.no_double_quant)}

@@ -121,6 +121,39 @@ def resolve_dtype(dtype: Any = None, device: Any = None):
     return names[key]
 
 
+def native_bf16_support(device: Any = None) -> tuple[bool, str]:
+    """Whether ``device`` (None: CUDA when available, else CPU) runs bf16 matmuls natively,
+    and why: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX (torch's own CPU checks,
+    else the /proc/cpuinfo flags ``avx512_bf16`` / ``amx_bf16``). Training, eval and serving
+    use it to pick a bf16 frozen base (``train.precision: auto``)."""
+    import torch
+
+    dev = torch.device(device) if device is not None else _default_device()
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return True, f"CUDA device {torch.cuda.get_device_name(dev)} supports bf16"
+        return False, "this CUDA device has no bf16"
+    if dev.type != "cpu":
+        return False, f"no native bf16 check for {dev.type} devices"
+    found = [flag for flag, check in (("avx512_bf16", "_is_avx512_bf16_supported"),
+                                      ("amx_bf16", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, check, lambda: False)()]
+    if not found:
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, "the CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
+
+
+def native_bf16(device: Any = None) -> bool:
+    """True when ``device`` runs bf16 natively (see :func:`native_bf16_support`)."""
+    return native_bf16_support(device)[0]
+
+
 def _default_device():
     import torch
 

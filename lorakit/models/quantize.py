@@ -64,7 +64,7 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
-def _probe_device(device: torch.device) -> None:
+def probe_device(device: torch.device) -> None:
     """Quantize and multiply one small block on ``device`` once, so that a CPU lacking the
     instructions bitsandbytes' kernels need fails here, with a clear message, not mid-forward."""
     key = str(device)
@@ -98,7 +98,7 @@ def default_compute_dtype(device: torch.device | str | None = None) -> torch.dty
     return torch.float32
 
 
-def _resolve_compute_dtype(compute_dtype, device: torch.device) -> torch.dtype:
+def resolve_compute_dtype(compute_dtype, device: torch.device) -> torch.dtype:
     if compute_dtype is None:
         return default_compute_dtype(device)
     if isinstance(compute_dtype, torch.dtype):
@@ -148,14 +148,20 @@ def quantizable_layers(model: nn.Module, skip_modules: Iterable[str] | None = No
     return chosen
 
 
-def _unquantizable_reason(path: str, module: nn.Module, block_size: int) -> str | None:
+def _unquantizable_reason(path: str, module: nn.Module, block_size: int,
+                          device: torch.device | None = None,
+                          dtype: torch.dtype | None = None) -> str | None:
+    """Why ``module`` cannot become 4-bit, or None. ``device``/``dtype``: where and in what
+    dtype its weight will be quantized, when that is not where it is now (streaming load)."""
     weight = module.weight
-    if weight.device.type == "meta":
+    device = device if device is not None else weight.device
+    dtype = dtype if dtype is not None else weight.dtype
+    if device.type == "meta":
         return f"{path}: its weight is on the meta device (not loaded)"
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"{path}: weight dtype {weight.dtype} (bitsandbytes quantizes float16/bfloat16/float32)"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{path}: weight dtype {dtype} (bitsandbytes quantizes float16/bfloat16/float32)"
     in_features = weight.shape[0] if is_conv1d(module) else weight.shape[1]
-    if weight.device.type == "cpu" and in_features % block_size and in_features % 2 == 0:
+    if device.type == "cpu" and in_features % block_size and in_features % 2 == 0:
         # bitsandbytes' native CPU dequantize kernel (0.49-0.50) indexes absmax per row, so a
         # block spanning two rows is dequantized with the wrong constant (measured: 0.37
         # relative error instead of 0.09 for a 32x32 weight); odd widths take a correct fallback
@@ -163,6 +169,54 @@ def _unquantizable_reason(path: str, module: nn.Module, block_size: int) -> str 
                 f"and bitsandbytes' CPU kernel dequantizes such weights wrongly (use a block_size "
                 f"that divides {in_features}, skip_modules, or a CUDA device)")
     return None
+
+
+def plan_quantization(model: nn.Module, quant_type: str = "nf4", block_size: int = 64,
+                      skip_modules: Iterable[str] | None = None, *,
+                      device: torch.device | None = None, dtype: torch.dtype | None = None
+                      ) -> list[tuple[str, nn.Module]]:
+    """The layers :func:`quantize_model` (or the streaming loader) will make 4-bit, after
+    checking that every one of them can be; nothing is changed.
+
+    Args:
+        model: a dense model, loaded or on the meta device (then give ``device`` and ``dtype``:
+            where and in what dtype its weights will be quantized).
+        quant_type, block_size, skip_modules: as for :func:`quantize_model`.
+
+    Raises:
+        ConfigError: unknown quant_type or block_size.
+        ModelLoadError: the model already holds 4-bit layers or adapters, has no layer to
+            quantize, or a layer cannot be quantized (the first three are named).
+    """
+    _check_settings(quant_type, block_size)
+    if any(is_4bit(m) for m in model.modules()):
+        raise ModelLoadError("the model is already quantized to 4 bits (quantize_model was "
+                             "called twice, or it was loaded pre-quantized)")
+    if getattr(model, "lorakit_adapters", None):
+        raise ModelLoadError("quantize the base model before adding LoRA adapters: the model "
+                             f"already holds adapters {sorted(model.lorakit_adapters)}")
+    layers = quantizable_layers(model, skip_modules)
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) == 0})
+        raise ModelLoadError(
+            f"{type(model).__name__} has no nn.Linear or Conv1D layer inside numbered decoder "
+            f"blocks (paths like model.layers.0.self_attn.q_proj) to quantize; its leaf layer "
+            f"types are {', '.join(kinds)}. Load it with quantization=None")
+    problems = [r for p, m in layers
+                if (r := _unquantizable_reason(p, m, block_size, device, dtype))]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelLoadError("cannot quantize these layers to 4 bits: " + "; ".join(problems[:3])
+                             + more + ". Load the model's real weights in float32/bfloat16/"
+                             "float16 first, or use quantization=None")
+    return layers
+
+
+def quantization_record(quant_type: str, double_quant: bool, block_size: int,
+                        compute_dtype: torch.dtype) -> dict:
+    """What ``model.lorakit_quantization`` holds (and adapter manifests record)."""
+    return {"type": quant_type, "double_quant": bool(double_quant), "block_size": block_size,
+            "compute_dtype": str(compute_dtype).removeprefix("torch.")}
 
 
 # ---------------------------------------------------------------------- quantize
@@ -175,16 +229,32 @@ def linear4bit_from_dense(module: nn.Module, quant_type: str = "nf4", double_qua
     The codes and absmax constants are exactly ``bitsandbytes.functional.quantize_4bit`` of the
     (out, in) weight with these settings. The dense weight is not kept.
     """
-    bnb = import_bitsandbytes()
     conv1d = is_conv1d(module)
     weight = module.weight.detach()
-    dense = weight.t() if conv1d else weight  # (out, in)
-    out_features, in_features = dense.shape
     bias = getattr(module, "bias", None)
+    return linear4bit_from_weight(weight.t() if conv1d else weight,
+                                  None if bias is None else bias.detach().clone(),
+                                  quant_type=quant_type, double_quant=double_quant,
+                                  compute_dtype=compute_dtype, block_size=block_size,
+                                  conv1d=conv1d, training=module.training)
+
+
+def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *,
+                           quant_type: str = "nf4", double_quant: bool = True,
+                           compute_dtype: torch.dtype = torch.float32, block_size: int = 64,
+                           conv1d: bool = False, training: bool = False):
+    """A ``bitsandbytes.nn.Linear4bit`` of the (out, in) ``weight``: its codes and constants are
+    ``bitsandbytes.functional.quantize_4bit(weight)``, on ``weight``'s device.
+
+    ``bias``: a tensor (kept as given; a meta tensor is filled in later by the streaming
+    loader) or None. ``conv1d`` marks a layer quantized from a GPT-2 ``Conv1D``.
+    """
+    bnb = import_bitsandbytes()
+    out_features, in_features = weight.shape
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type=quant_type, device="meta")
-    codes, state = bnb.functional.quantize_4bit(dense.contiguous(), blocksize=block_size,
+    codes, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=block_size,
                                                 compress_statistics=double_quant,
                                                 quant_type=quant_type, quant_storage=torch.uint8)
     layer.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=state,
@@ -193,13 +263,13 @@ def linear4bit_from_dense(module: nn.Module, quant_type: str = "nf4", double_qua
                                      module=layer, bnb_quantized=True)
     layer.quant_state = state
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(bias, requires_grad=False)
     # On AVX512-BF16 CPUs bitsandbytes repacks the weight in place at the first no-grad eval
     # forward (new layout, absmax cast to bf16): the stored codes would no longer be
     # quantize_4bit's, dequantized merges would change, and it needs out_features % 32 == 0.
     layer.support_avx512bf16_for_cpu = False
     layer.lorakit_conv1d = conv1d
-    layer.train(module.training)
+    layer.train(training)
     return layer
 
 
@@ -211,7 +281,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
 
     In place, one layer at a time (each dense weight is dropped as soon as its 4-bit copy
     exists). Embeddings, norms, the output head and layers outside the numbered decoder blocks
-    stay as they are. GPT-2 ``Conv1D`` layers are transposed into ``Linear4bit``.
+    stay as they are. GPT-2 ``Conv1D`` layers are transposed into ``Linear4bit``. (Loading a
+    checkpoint straight to 4-bit, without a dense model first, is
+    ``lorakit.models.load.load_model(..., quantization="nf4")``: ``lorakit.models.stream``.)
 
     Args:
         model: a transformers causal LM with its weights loaded, without adapters yet.
@@ -231,38 +303,17 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
         ModelLoadError: bitsandbytes missing or unable to run here; the model already holds
             4-bit layers or LoRA adapters; no layer (or an unsuitable layer) to quantize.
     """
-    _check_settings(quant_type, block_size)
-    if any(is_4bit(m) for m in model.modules()):
-        raise ModelLoadError("the model is already quantized to 4 bits (quantize_model was "
-                             "called twice, or it was loaded pre-quantized)")
-    if getattr(model, "lorakit_adapters", None):
-        raise ModelLoadError("quantize the base model before adding LoRA adapters: the model "
-                             f"already holds adapters {sorted(model.lorakit_adapters)}")
-    layers = quantizable_layers(model, skip_modules)
-    if not layers:
-        kinds = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) == 0})
-        raise ModelLoadError(
-            f"{type(model).__name__} has no nn.Linear or Conv1D layer inside numbered decoder "
-            f"blocks (paths like model.layers.0.self_attn.q_proj) to quantize; its leaf layer "
-            f"types are {', '.join(kinds)}. Load it with quantization=None")
-    problems = [r for p, m in layers if (r := _unquantizable_reason(p, m, block_size))]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ModelLoadError("cannot quantize these layers to 4 bits: " + "; ".join(problems[:3])
-                             + more + ". Load the model's real weights in float32/bfloat16/"
-                             "float16 first, or use quantization=None")
+    layers = plan_quantization(model, quant_type, block_size, skip_modules)
     device = layers[0][1].weight.device
-    _probe_device(device)
-    compute = _resolve_compute_dtype(compute_dtype, device)
+    probe_device(device)
+    compute = resolve_compute_dtype(compute_dtype, device)
     while layers:  # pop, so each dense layer is freed as soon as its 4-bit copy replaces it
         path, module = layers.pop(0)
         replace_module(model, path, linear4bit_from_dense(module, quant_type, double_quant, compute,
-                                                    block_size))
+                                                          block_size))
         del module
     _unshare_from_checkpoint(model)
-    model.lorakit_quantization = {"type": quant_type, "double_quant": bool(double_quant),
-                                  "block_size": block_size,
-                                  "compute_dtype": str(compute).removeprefix("torch.")}
+    model.lorakit_quantization = quantization_record(quant_type, double_quant, block_size, compute)
     return model
 
 

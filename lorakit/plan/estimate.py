@@ -26,8 +26,10 @@ activation element: 2 in bf16/fp16, 4 in fp32):
   elements per token: ``4h`` (the inputs and outputs of its two norms) ``+ q + 2kv`` (query, key,
   value after RoPE) ``+ 2q`` (attention output and the output projection's input) ``+ 4I``
   (gated MLP: gate, activation, up, product; ``2I`` for a plain GELU MLP) ``+ r`` per adapted
-  layer (the ``A x`` that ``B`` needs). LoRA dropout ``p > 0`` adds a dropped copy of each
-  adapted layer's input plus its 1-byte mask: ``(e + 1) x in_features`` bytes per adapted layer.
+  layer (the ``A x`` that ``B`` needs). LoRA dropout ``p > 0`` adds a 1-byte mask per distinct
+  adapter input (q/k/v share one, gate/up another: lorakit's adapters that read one tensor share
+  its mask) and ``e`` bytes for the dropped copy of the attention output (the other dropped
+  copies replace inputs that nothing else keeps): measured with saved-tensor hooks.
   Eager attention adds Korthikanti's ``5 a s`` term (scores, softmax, dropout mask) per token.
   The output head at the supervised positions (worst case: every token) keeps fp32 log-probs
   and, while its backward runs, two more fp32 ``V``-wide buffers: ``12 V`` bytes per token.
@@ -37,6 +39,11 @@ activation element: 2 in bf16/fp16, 4 in fp32):
 * **overhead** — GPU: the CUDA context and kernels (:data:`CUDA_CONTEXT_GIB`) plus 5% of the
   rest for the caching allocator; CPU: the modules and tokenizer loading a model pulls in
   (measured: :data:`CPU_OVERHEAD_GIB`).
+
+**Load peak** (``Estimate.load_bytes``, not in the total): lorakit streams the checkpoint
+(``lorakit.models.stream``), so loading holds the final weights plus one tensor in flight: the
+dense copy a 4-bit layer is quantized from (``e x`` the largest decoder linear, QLoRA) and, on
+CPU, that tensor's 16-bit checkpoint pages (``2 x`` the largest tensor); plus the overhead.
 
 Multi-GPU setups assume FSDP / ZeRO-3 sharding: weights, adapter, gradients and optimizer state
 split ``n`` ways; each GPU still holds the activations of its own micro-batch.
@@ -98,6 +105,7 @@ class Estimate:
     cost_usd: float | None = None
     time_gpu: str | None = None
     notes: list[str] = field(default_factory=list)
+    load_bytes: float | None = None  # peak while loading the base (streaming: weights + one tensor)
 
     def memory_gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 3) for k, v in self.memory_bytes.items()}
@@ -110,6 +118,7 @@ class Estimate:
             "memory_gib": self.memory_gib(), "fits": self.fits, "tokens": self.tokens,
             "flops": self.flops, "hours": self.hours, "cost_usd": self.cost_usd,
             "time_gpu": self.time_gpu, "settings": self.settings, "notes": self.notes,
+            "load_gib": None if self.load_bytes is None else round(self.load_bytes / GIB, 3),
         }
 
 
@@ -289,14 +298,17 @@ def _facts(config) -> dict:
     model = meta_model(config)
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
-    matmul = 0
+    largest = max((p.numel() for p in params), default=0)
+    matmul = largest_linear = 0
     names = set()
+    head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if is_linear_like(module):
             i, o = linear_features(module)
             matmul += i * o
             names.add(name.rsplit(".", 1)[-1])
-    head = model.get_output_embeddings()
+            if module is not head:
+                largest_linear = max(largest_linear, i * o)
     get = lambda *keys, default=None: next((getattr(config, k) for k in keys
                                             if getattr(config, k, None) is not None), default)
     h = get("hidden_size", "n_embd", "d_model")
@@ -307,10 +319,18 @@ def _facts(config) -> dict:
     inter = get("intermediate_size", "n_inner", "ffn_dim") or 4 * h
     gated = bool(names & {"gate_proj", "gate_up_proj", "w1", "w3"})
     vocab = head.weight.shape[0] if head is not None else get("vocab_size")
-    return {"parameters": total, "matmul_params": matmul,
+    return {"parameters": total, "matmul_params": matmul, "largest_param": largest,
+            "largest_linear": largest_linear,
             "hidden": h, "layers": layers, "heads": heads, "q_dim": heads * head_dim,
             "kv_dim": kv_heads * head_dim, "intermediate": inter, "gated_mlp": gated,
             "vocab": vocab}
+
+
+# linear layers that read one and the same input tensor inside their parent module
+_SIBLING_INPUTS = {"q_proj": "qkv-in", "k_proj": "qkv-in", "v_proj": "qkv-in",
+                   "query": "qkv-in", "key": "qkv-in", "value": "qkv-in",
+                   "gate_proj": "mlp-in", "up_proj": "mlp-in", "w1": "mlp-in", "w3": "mlp-in"}
+_ATTENTION_OUTPUTS = {"o_proj", "out_proj", "wo"}  # (GPT-2: attn.c_proj)
 
 
 def activation_bytes(facts: dict, targets: list, *, tokens: int, seq_len: int, e: int,
@@ -320,9 +340,19 @@ def activation_bytes(facts: dict, targets: list, *, tokens: int, seq_len: int, e
     h, q, kv, inter = facts["hidden"], facts["q_dim"], facts["kv_dim"], facts["intermediate"]
     layers = facts["layers"]
     n_adapted = len(targets) / max(layers, 1)  # adapted layers per block, on average
-    in_adapted = sum(i for _, i, _ in targets) / max(layers, 1)
+    # LoRA dropout: adapters that read the same tensor (q/k/v, gate/up) share one mask
+    # (lorakit.lora.layers.LoraDropout), and A then keeps the dropped copy *instead of* the
+    # input, which nothing else keeps -- except the attention output, which attention's backward
+    # keeps too. So: a 1-byte mask per distinct input, plus e bytes per attention-output input.
+    inputs, attn_out = {}, 0
+    for path, i, _ in targets:
+        parent, _, name = path.rpartition(".")
+        inputs[(parent, _SIBLING_INPUTS.get(name, name))] = i
+        if name in _ATTENTION_OUTPUTS or (name == "c_proj" and "attn" in parent):
+            attn_out += i
+    dropout = (sum(inputs.values()) + e * attn_out) / max(layers, 1) if lora_dropout > 0 else 0
     elems = 4 * h + q + 2 * kv + 2 * q + (4 if facts["gated_mlp"] else 2) * inter + r * n_adapted
-    per_token = e * elems + (e + 1) * in_adapted * (lora_dropout > 0)
+    per_token = e * elems + dropout
     if eager_attention:
         per_token += 5 * facts["heads"] * seq_len
     head = 12 * facts["vocab"]  # fp32 log-probs kept + two fp32 buffers in its backward
@@ -407,10 +437,6 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
             dtype = torch.float32 if e == 4 else torch.bfloat16
             weights = float(estimate_quantized_bytes(meta_model(config),
                                                      other_dtype=dtype)["total_bytes"])
-        if method == "qlora":
-            notes.append(f"lorakit loads the {'fp32' if e == 4 else '16-bit'} model onto the "
-                         f"device before quantizing it: loading briefly needs "
-                         f"{e * params / GIB:.1f} GiB there (not in the total)")
     adapter = 4.0 * layout["parameters"]
     gradients = 4.0 * trainable
     optim = OPTIMIZER_BYTES[optimizer] * trainable
@@ -427,6 +453,12 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
     memory = {"weights": weights, "adapter": adapter, "gradients": gradients, "optimizer": optim,
               "activations": act, "overhead": overhead(state + act)}
     memory["total"] = sum(memory.values())
+    # lorakit.models.stream builds the base in its final form tensor by tensor: the load peaks
+    # at the weights plus one tensor in flight: the dense copy a 4-bit layer is quantized from
+    # and, on CPU, the tensor's 16-bit pages of the checkpoint file while they are read
+    in_flight = (e * facts["largest_linear"] if method == "qlora" else 0) + \
+        (2 * facts["largest_param"] if device == "cpu" else 0)
+    load = weights + in_flight + overhead(weights)
 
     fits, setups = [], []
     for card in GPUS:
@@ -439,7 +471,7 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
 
     result = Estimate(model=label, method=method, parameters=params, trainable_parameters=trainable,
                       adapter_parameters=layout["parameters"], adapter_bytes=layout["bytes"],
-                      memory_bytes=memory, fits=fits, notes=notes, settings={
+                      memory_bytes=memory, fits=fits, notes=notes, load_bytes=load, settings={
                           "r": r if method != "full" else None,
                           "target_modules": target_modules if method != "full" else None,
                           "seq_len": seq_len, "batch_size": batch_size,

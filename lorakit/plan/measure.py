@@ -13,8 +13,13 @@ estimate assumes). It reports the peak memory *delta*:
 * CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before the model was loaded
   (the CUDA context is not in either number).
 
+It also reports the peak of the load itself (``load_peak_delta_bytes``: ``VmHWM`` after the
+model is ready, minus the same baseline; CUDA: ``max_memory_allocated`` over the load), so a
+run's whole-process peak is the larger of the two.
+
 A subprocess, because a process's peak resident size only ever grows: measuring two settings in
-one process would report the larger for both.
+one process would report the larger for both. ``max_rss_gib`` stops the run (exit 3) when its
+resident size passes that much, for big checkpoints on a machine other jobs share.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class MeasureSpec:
     steps: int = 3
     precision: str = "auto"
     seed: int = 0
+    max_rss_gib: float | None = None
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
@@ -74,14 +80,33 @@ def _malloc_trim() -> None:
         pass
 
 
+def _guard_rss(limit_bytes: int) -> None:
+    """Exit this process (code 3) as soon as its resident size passes ``limit_bytes``."""
+    import threading
+    import time
+
+    def watch():
+        while True:
+            rss = _rss_bytes()
+            if rss > limit_bytes:
+                print(f"error: resident size {rss / 2**30:.2f} GiB passed the limit "
+                      f"{limit_bytes / 2**30:.2f} GiB (max_rss_gib); stopped", file=sys.stderr,
+                      flush=True)
+                os._exit(3)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True, name="rss-guard").start()
+
+
 def run_measurement(spec: MeasureSpec) -> dict:
     """Run ``spec`` in this process and return the measured peak delta (see module docstring).
 
     Returns:
-        ``{"peak_delta_bytes", "baseline_bytes", "after_setup_bytes", "device", "precision",
-        "steps", "losses", "kind"}``.
+        ``{"peak_delta_bytes", "load_peak_delta_bytes", "baseline_bytes", "after_setup_bytes",
+        "device", "precision", "steps", "losses", "kind", "load_seconds", "step_seconds"}``.
     """
     import gc
+    import time
 
     import torch
 
@@ -97,14 +122,21 @@ def run_measurement(spec: MeasureSpec) -> dict:
                     train={"batch_size": spec.batch_size, "grad_checkpointing": spec.grad_checkpointing,
                            "precision": precision, "seed": spec.seed})
     torch.manual_seed(spec.seed)
+    if spec.max_rss_gib:
+        _guard_rss(int(spec.max_rss_gib * 2**30))
     gc.collect()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         baseline = _rss_bytes()
+        _reset_peak_rss()
+    started = time.perf_counter()
     model, _, _ = setup_model(cfg, device, precision)
+    load_seconds = time.perf_counter() - started
+    load_peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes("VmHWM")
     optimizer = common.build_optimizer(model, 1e-4, 0.0)
     vocab = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(spec.seed)
@@ -121,6 +153,7 @@ def run_measurement(spec: MeasureSpec) -> dict:
     else:
         kind = "cpu peak RSS (VmHWM)" if _reset_peak_rss() else "cpu peak RSS (ru_maxrss, not reset)"
     losses = []
+    started = time.perf_counter()
     for _ in range(spec.steps):
         with common.autocast(precision, device):
             loss_sum, n = common.supervised_loss(model, batch)
@@ -128,6 +161,7 @@ def run_measurement(spec: MeasureSpec) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss_sum) / max(n, 1))
+    step_seconds = (time.perf_counter() - started) / max(spec.steps, 1)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
@@ -135,7 +169,9 @@ def run_measurement(spec: MeasureSpec) -> dict:
         peak = _rss_bytes("VmHWM")
     else:
         peak = common.peak_memory_bytes(device)
-    return {"peak_delta_bytes": int(peak - baseline), "baseline_bytes": int(baseline),
+    return {"peak_delta_bytes": int(peak - baseline),
+            "load_peak_delta_bytes": int(load_peak - baseline), "baseline_bytes": int(baseline),
+            "load_seconds": round(load_seconds, 1), "step_seconds": round(step_seconds, 1),
             "after_setup_bytes": int(after_setup - baseline), "device": str(device),
             "precision": precision, "steps": spec.steps, "losses": losses, "kind": kind}
 

@@ -44,18 +44,36 @@ def test_generate_rejects_unknown_dtype(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_generate_applies_the_adapter(tmp_path, capsys, monkeypatch):
-    import lorakit.lora.io
+def test_generate_applies_the_adapter(tmp_path, capsys):
+    """``--adapter`` with the real loader: the completion differs from the base's, and equals
+    what transformers generates greedily with the same adapter loaded by PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    save_tiny_folder(tmp_path)
-    loaded = []
-    monkeypatch.setattr(lorakit.lora.io, "load_adapter",
-                        lambda model, path, **kw: loaded.append((model.lorakit_spec, path)))
-    rc = main(["generate", "--model", str(tmp_path), "--adapter", "some/adapter",
-               "--prompt", "w5 w6", "--max-tokens", "3"])
-    assert rc == 0
-    assert loaded == [(str(tmp_path.resolve()), "some/adapter")]
-    assert capsys.readouterr().out.strip()  # some completion was printed
+    from export.helpers import make_adapter
+
+    base = tmp_path / "base"
+    save_tiny_folder(base)
+    adapter = make_adapter(tmp_path, base, r=8, lora_alpha=32,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    prompt = "w5 w17 w33 w101"
+    args = ["generate", "--model", str(base), "--prompt", prompt, "--max-tokens", "12",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.strip()
+    assert main([*args, "--adapter", str(adapter)]) == 0
+    tuned = capsys.readouterr().out.strip()
+    assert tuned and tuned != plain
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = peft_model.generate(**enc, max_new_tokens=12, do_sample=False)
+    reference = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert tuned == reference.strip()
 
 
 @pytest.mark.slow

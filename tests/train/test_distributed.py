@@ -294,3 +294,29 @@ def test_incompatible_combinations_are_config_errors():
     fsdp = distributed.Dist(rank=0, world_size=2, strategy="fsdp")
     with pytest.raises(ConfigError, match="method=full"):
         distributed.check_compatible(load_config(None, ["method=full"]), fsdp)
+
+
+# ---------------------------------------------------------------------- the real CLI launch
+def test_lorakit_train_nproc_2_runs_torchrun_end_to_end(tiny_model_dir, arithmetic_data,
+                                                        tmp_path):
+    """``lorakit train CONFIG --nproc 2`` as a user types it: the CLI starts torchrun, which
+    starts two ``lorakit train`` processes (gloo on CPU); their adapter equals one process's
+    with the same global batch (2 x 3 rows = 6)."""
+    short = ("train.max_steps=2", "train.save_every=null", "train.eval_every=null")
+    single = train(load_config(None, _overrides(tiny_model_dir, arithmetic_data,
+                                                tmp_path / "single", 6, *short)),
+                   progress=False, log=lambda m: None)
+    config = tmp_path / "run.yaml"
+    config.write_text(load_config(None, _overrides(tiny_model_dir, arithmetic_data,
+                                                   tmp_path / "two", 3, *short)).to_yaml())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # the launcher shares the cores out itself
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--nproc", "2",
+                           "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert _max_diff(_adapter(single.adapter_dir), _adapter(tmp_path / "two" / "adapter")) <= TOL
+    assert [r["loss"] for r in _records(tmp_path / "two") if "loss" in r] == pytest.approx(
+        [r["loss"] for r in _records(single.run_dir) if "loss" in r], rel=1e-5)
