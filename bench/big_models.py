@@ -9,14 +9,14 @@ rows of ``--seq-len`` tokens, every token supervised. Reported: the load's peak 
 peak RSS above the process's size before loading (torch and lorakit imported), their max
 (the run's peak), the absolute peak, and the estimate for the same settings.
 
-    .venv/bin/python bench/big_models.py --ckpt /work/bigckpt/tinyllama   # ~15 min, 2 cores
+    .venv/bin/python bench/big_models.py --ckpt /work/bigckpt/tinyllama   # ~5-15 min on 2 cores
     .venv/bin/python bench/big_models.py --ckpt /work/bigckpt/llama2-7b --preset llama2-7b \\
         --methods qlora --grad-checkpointing --steps 2 --max-rss-gib 20
 
-Needs (CPU, fp32 compute): TinyLlama shapes 1.1B parameters, LoRA ~7 GiB / QLoRA ~3 GiB at
-128 tokens; Llama-2-7B shapes QLoRA + checkpointing ~7 GiB, and 13.5 GB of disk for the bf16
-checkpoint (27 GB in fp32: more than a 24 GiB machine holds). Prints a Markdown table and
-writes JSON to ``--out``.
+Measured (CPU, fp32 compute; docs/benchmarks.md): TinyLlama shapes (1.1B parameters) at 128
+tokens LoRA 5.0 GiB / QLoRA 2.4 GiB; Llama-2-7B shapes QLoRA + checkpointing 5.8 GiB, which also
+needs 13.5 GB of disk for the bf16 checkpoint (27 GB in fp32: more than a 24 GiB machine holds).
+Prints a Markdown table and writes JSON to ``--out``.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from lorakit.plan.estimate import estimate
 from lorakit.plan.measure import MeasureSpec, measure_in_subprocess
 
 
-# Known gap, left open in issue 18's note: on a freshly converted cache (each test session now
-# has its own LORAKIT_CACHE_DIR) QLoRA at 128 tokens measured 1.05 GiB against 0.80 predicted;
-# it passed before only on a cache entry written by older code. Not hidden: xfail, not strict.
+# Known gap, left open in issue 18: SmolLM2 QLoRA on CPU measures 0.95-1.05 GiB at 128 tokens
+# against a 0.80 GiB estimate (five processes; fresh and old conversion caches alike): QLoRA on
+# CPU holds 0.1-0.5 GiB that no estimate term models yet (docs/estimate.md). xfail, not strict.
 _QLORA_GAP = pytest.mark.xfail(reason="QLoRA estimate vs a fresh conversion cache: open, see "
                                       "docs/estimate.md and issue 18", strict=False)
 
