@@ -76,7 +76,9 @@ def test_lm_eval_scores_base_and_adapter_as_the_harness_does(eval_base_dir, eval
             saved["rand"]["lorakit_tiny_text"][key]
         assert ours_base == pytest.approx(reference_base[key], rel=1e-5)
         assert ours_tuned == pytest.approx(reference_tuned[key], rel=1e-5)
-        assert ours_tuned != pytest.approx(ours_base, rel=1e-3)  # the adapter was switched on
+        # the adapter was switched on: base and tuned lie 10x the matching tolerance apart
+        # (a random adapter on a random model moves the scores little: 0.07% measured)
+        assert ours_tuned != pytest.approx(ours_base, rel=1e-4)
 
 
 def test_lm_eval_missing_package_is_a_clear_error_before_any_work(eval_adapters, eval_data,

@@ -101,18 +101,20 @@ def test_lean_merge_matches_peft_merge_and_unload(tmp_path):
 
 # ---------------------------------------------------------------------- memory
 _MEASURE = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     from lorakit.export.merge import LeanMerge
+    from lorakit.plan.measure import reset_peak_rss, rss_bytes
     adapter, out, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
-    def rss():
-        return int(open("/proc/self/statm").read().split()[1]) * 4096
     lean = LeanMerge(adapter, dtype=dtype)
     if lean.qlora:  # bitsandbytes' native library and thread pools: loaded once, not the merge
         from lorakit.models.quantize import probe_device
         probe_device(torch.device("cpu"))
-    before = rss()
+    # VmHWM reset to the current RSS here, not ru_maxrss: Linux carries ru_maxrss over exec from
+    # the forked parent, so under a big pytest process it read the parent's size (2.6 GB)
+    assert reset_peak_rss(), "needs Linux /proc/self/clear_refs"
+    before = rss_bytes("VmRSS")
     lean.write_folder(out, max_shard_size="2GB")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = rss_bytes("VmHWM")
     print(json.dumps({"before": before, "peak": peak, "extra": peak - before}))
 """)
 
