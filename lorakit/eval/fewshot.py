@@ -125,33 +125,53 @@ def _terms(text: str) -> list[str]:
     return w + [f"{a} {b}" for a, b in zip(w, w[1:])]
 
 
+class TfidfIndex:
+    """TF-IDF vectors (word unigrams + bigrams) of ``documents``, kept sparse: for each term the
+    documents holding it and their weights (an inverted index in flat arrays). The idf is fitted
+    on ``documents`` (smoothed: ``ln((1+n)/(1+df)) + 1``) and every vector is L2-normalised, so
+    a row of :meth:`similarity` is a query's cosine similarity with each document; a query's
+    terms unseen in the documents carry no weight. Memory grows with the terms the documents
+    hold, not with documents x vocabulary (dense, 2,000 short prompts took 3 GiB)."""
+
+    def __init__(self, documents: Sequence[str]):
+        self.vocab: dict[str, int] = {}
+        term_ids: list[int] = []
+        counts: list[int] = []
+        lengths: list[int] = []
+        for text in documents:
+            terms = Counter(_terms(text))
+            term_ids += [self.vocab.setdefault(t, len(self.vocab)) for t in terms]
+            counts += terms.values()
+            lengths.append(len(terms))
+        self.size = n = len(lengths)
+        terms_ = np.array(term_ids, dtype=np.int64)
+        docs = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        self.idf = np.log((1 + n) / (1 + np.bincount(terms_, minlength=len(self.vocab)))) + 1
+        weights = np.array(counts, dtype=np.float64) * self.idf[terms_]
+        norms = np.sqrt(np.bincount(docs, weights * weights, minlength=n))
+        weights /= np.where(norms == 0, 1, norms)[docs]
+        order = np.argsort(terms_, kind="stable")  # grouped by term, documents ascending
+        self.docs, self.weights = docs[order], weights[order]
+        self.start = np.concatenate([[0], np.cumsum(np.bincount(terms_, minlength=len(self.vocab)))])
+
+    def similarity(self, queries: Sequence[str]) -> np.ndarray:
+        """Cosine similarities, ``(len(queries), len(documents))``."""
+        out = np.zeros((len(queries), self.size))
+        for i, query in enumerate(queries):
+            known = {self.vocab[t]: c for t, c in Counter(_terms(query)).items() if t in self.vocab}
+            q = {j: c * self.idf[j] for j, c in known.items()}
+            norm = math.sqrt(sum(v * v for v in q.values())) or 1.0
+            row = out[i]
+            for j, v in q.items():
+                lo, hi = self.start[j], self.start[j + 1]
+                row[self.docs[lo:hi]] += (v / norm) * self.weights[lo:hi]  # distinct documents
+        return out
+
+
 def tfidf_similarity(queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
     """Cosine similarity of TF-IDF vectors (word unigrams + bigrams), ``(len(queries),
-    len(documents))``. The idf is fitted on ``documents`` (smoothed: ``ln((1+n)/(1+df)) + 1``);
-    a query's terms unseen in the documents carry no weight."""
-    docs = [Counter(_terms(d)) for d in documents]
-    vocab: dict[str, int] = {}
-    df: Counter = Counter()
-    for counts in docs:
-        for term in counts:
-            vocab.setdefault(term, len(vocab))
-            df[term] += 1
-    n = len(docs)
-    idf = np.ones(len(vocab))
-    for term, j in vocab.items():
-        idf[j] = math.log((1 + n) / (1 + df[term])) + 1
-
-    def matrix(rows: list[Counter]) -> np.ndarray:
-        m = np.zeros((len(rows), len(vocab)))
-        for i, counts in enumerate(rows):
-            for term, c in counts.items():
-                j = vocab.get(term)
-                if j is not None:
-                    m[i, j] = c * idf[j]
-        norms = np.linalg.norm(m, axis=1, keepdims=True)
-        return m / np.where(norms == 0, 1, norms)
-
-    return matrix([Counter(_terms(q)) for q in queries]) @ matrix(docs).T
+    len(documents))`` (:class:`TfidfIndex`)."""
+    return TfidfIndex(documents).similarity(queries)
 
 
 def select_shots(shots: Sequence[Shot], questions: Sequence[str], k: int, select: str = "similar",
@@ -172,11 +192,12 @@ def select_shots(shots: Sequence[Shot], questions: Sequence[str], k: int, select
         rng = np.random.default_rng(seed)
         return [sorted(int(i) for i in rng.choice(len(shots), size=k, replace=False))
                 for _ in questions]
-    sims = tfidf_similarity(questions, [s.prompt for s in shots])
+    index = TfidfIndex([s.prompt for s in shots])
     out = []
-    for row in sims:
-        nearest = np.argsort(-row, kind="stable")[:k]  # ties: the earlier example
-        out.append([int(i) for i in nearest[::-1]])  # the nearest last, next to the question
+    for start in range(0, len(questions), 256):  # 256 rows of len(shots) similarities at a time
+        for row in index.similarity(questions[start:start + 256]):
+            nearest = np.argsort(-row, kind="stable")[:k]  # ties: the earlier example
+            out.append([int(i) for i in nearest[::-1]])  # the nearest last, next to the question
     return out
 
 
