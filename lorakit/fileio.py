@@ -123,6 +123,15 @@ def atomic_write_json(path: Path, obj, **dump_kwargs) -> None:
     atomic_write_text(path, json.dumps(obj, **{"indent": 2, **dump_kwargs}) + "\n")
 
 
+def open_append(path: Path) -> int:
+    """Open ``path`` for appending (created if missing) and return the descriptor for
+    :func:`append_line`; ``OSError`` names ``path``."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _naming(exc, Path(path)) from None
+
+
 def append_line(fd: int, line: str, path: Path) -> None:
     """Append one line to an open (``O_APPEND``) file; ``OSError`` names ``path``."""
     data = line.encode()

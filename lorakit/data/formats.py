@@ -31,14 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from lorakit.data.jsonl import (  # noqa: F401  (re-exported: the readers' public names)
-    MAX_DEPTH,
-    DataIssue,
-    JSONRecordError,
-    loads_record,
-    read_jsonl_records,
-    show,
-)
+from lorakit.data.jsonl import DataIssue, read_jsonl_records, show  # DataIssue: as before
 from lorakit.errors import ConfigError, DataError, did_you_mean
 
 FORMATS = ("prompt_completion", "chat", "instruction", "sharegpt", "text", "preference", "kto")

@@ -23,6 +23,7 @@ examples (the training loop shuffles rows itself).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lorakit import fileio
 from lorakit.data.formats import Example, load_examples
 from lorakit.errors import ConfigError, DataError
 
@@ -80,22 +82,16 @@ def generate_replay(model, tokenizer, n: int | None = None, *,
     from lorakit.lora.inject import adapter_configs, disable_adapters
 
     prompts = instructions()[:n] if n else instructions()
-    if adapter_configs(model):
-        with disable_adapters(model):
-            answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
-    else:
+    with disable_adapters(model) if adapter_configs(model) else contextlib.nullcontext():
         answers = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size)
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a.strip()]
 
 
 def write_records(path: Path, records: Sequence[dict]) -> Path:
-    from lorakit.lora.io import atomic_write_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    fileio.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 

@@ -22,7 +22,6 @@ Called from Python (e.g. at the end of a training run)::
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 import time
@@ -58,25 +57,19 @@ class EvalExample:
         return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
 
 
-def _records(path: Path) -> list[tuple[int, Any]]:
+def _records(path: Path) -> list[tuple[int, dict]]:
+    """``(line, record)`` of a JSONL / JSON-array file, read by lorakit's one safe reader
+    (:func:`lorakit.data.jsonl.read_jsonl_records`); its first issue is raised, with file,
+    line and field."""
+    from lorakit.data.jsonl import read_jsonl_records
+
     if not path.is_file():
         raise DataError(f"eval data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of records or a JSONL file")
-        return list(enumerate(rows, start=1))
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    for line, record, issue in read_jsonl_records(path):
+        if issue is not None:
+            raise DataError(str(issue))
+        out.append((line, record))
     return out
 
 

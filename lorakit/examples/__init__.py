@@ -40,7 +40,6 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
 
     Returns 0; prints a table and writes ``demo.json`` into the run folder.
     """
-    import json
     import sys
     import time
 
@@ -48,6 +47,7 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
     from rich.table import Table
 
     from lorakit.config import load_config
+    from lorakit.fileio import atomic_write_json
     from lorakit.eval.generate import generate_batch
     from lorakit.eval.sql import execution_match, extract_sql
     from lorakit.lora.io import load_adapter
@@ -102,5 +102,5 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
                             "base_correct": bh, "tuned_correct": th}
                            for p, r, b, t, bh, th in zip(prompts, refs, base_preds, tuned_preds,
                                                          base_hits, tuned_hits)]}
-    (result.run_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(result.run_dir / "demo.json", report)
     return 0

@@ -86,14 +86,8 @@ def add_parsers(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  lorakit export gguf --adapter runs/demo/adapter --out demo.gguf\n"
                "  lorakit export gguf --model smollm2-135m-instruct --out base.gguf --type f32")
-    gguf.add_argument("--adapter", metavar="DIR",
-                      help="the adapter folder (omit to export the --model base alone)")
-    gguf.add_argument("--model", metavar="MODEL", help=_MODEL_HELP)
-    gguf.add_argument("--out", required=True, metavar="FILE.gguf", help="the file to write")
-    gguf.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
-                      help="tensor type of the weights (default: f16; norms stay f32)")
-    gguf.add_argument("--no-check", action="store_true", help="skip the greedy-decoding check")
-    _common_out_flags(gguf)
+    _merged_gguf_flags(gguf, "FILE.gguf", "the file to write",
+                       no_check="skip the greedy-decoding check")
     gguf.set_defaults(func=run_export_gguf)
 
     lora = targets.add_parser(
@@ -157,6 +151,20 @@ def add_parsers(subparsers) -> None:
                        help="the base it will run on; compared with lorakit.json's record")
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
     check.set_defaults(func=run_check_adapter)
+
+
+def _merged_gguf_flags(parser, out_metavar: str, out_help: str, *, no_check: str) -> None:
+    """The flags of the commands that write the merged model as a GGUF (``export gguf``,
+    ``export ollama``): --adapter (optional), --model, --out, --type, --no-check and
+    :func:`_common_out_flags`."""
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="the adapter folder (omit to export the --model base alone)")
+    parser.add_argument("--model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--out", required=True, metavar=out_metavar, help=out_help)
+    parser.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor type of the weights (default: f16; norms stay f32)")
+    parser.add_argument("--no-check", action="store_true", help=no_check)
+    _common_out_flags(parser)
 
 
 def _common_out_flags(parser) -> None:
@@ -291,15 +299,9 @@ def _add_ollama_parser(targets) -> None:
         epilog="examples:\n  lorakit export ollama --adapter runs/demo/adapter --out demo-ollama/\n"
                "  ollama create demo -f demo-ollama/Modelfile && ollama run demo\n"
                "  lorakit export ollama --model smollm2-135m-instruct --out smol-ollama/")
-    ollama.add_argument("--adapter", metavar="DIR",
-                        help="the adapter folder (omit to export the --model base alone)")
-    ollama.add_argument("--model", metavar="MODEL", help=_MODEL_HELP)
-    ollama.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
-    ollama.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
-                        help="tensor type of the GGUF weights (default: f16)")
-    ollama.add_argument("--no-check", action="store_true",
-                        help="skip the GGUF's greedy-decoding check (the template check stays)")
-    _common_out_flags(ollama)
+    _merged_gguf_flags(ollama, "FOLDER", "the folder to write",
+                       no_check="skip the GGUF's greedy-decoding check (the template check "
+                                "stays)")
     ollama.set_defaults(func=run_export_ollama)
 
 

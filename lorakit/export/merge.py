@@ -24,7 +24,7 @@ from torch import nn
 from lorakit.errors import AdapterError
 from lorakit.lora.inject import adapter_configs, lora_layers
 from lorakit.lora.layers import LoraLayer, ModulesToSaveWrapper
-from lorakit.models.modules import replace_module
+from lorakit.models.modules import is_conv1d, replace_module
 
 
 @torch.no_grad()
@@ -41,8 +41,7 @@ def _merged_layer(layer: LoraLayer, name: str, dtype: torch.dtype) -> nn.Module:
             norm = merged.norm(p=2, dim=1)  # (out,)
             merged = merged * (layer.lora_magnitude_vector[name].float() / norm).unsqueeze(1)
         weight = merged
-    conv1d = type(dense).__name__ == "Conv1D"
-    dense.weight.copy_(weight.t() if conv1d else weight)
+    dense.weight.copy_(weight.t() if is_conv1d(dense) else weight)
     dense.requires_grad_(False)
     return dense.to(dtype)
 
@@ -103,9 +102,43 @@ def untie_if_diverged(model: nn.Module) -> None:
         return
     if get_out().weight is get_in().weight:
         return
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
+    _untie(model.config)
+
+
+def _untie(config) -> None:
+    """``tie_word_embeddings`` False on ``config`` and its text config (the same for most)."""
+    for c in {id(c): c for c in (config, config.get_text_config())}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+
+
+def _quant_kwargs(quant: dict) -> dict:
+    """The manifest's ``quantization`` record as the keyword arguments of ``quantize_model``
+    and ``linear4bit_from_weight`` (computing in float32, as the merge and its gate do)."""
+    return {"quant_type": quant.get("type", "nf4"), "double_quant": quant.get("double_quant", True),
+            "block_size": quant.get("block_size", 64), "compute_dtype": torch.float32}
+
+
+def _load_adapter_unchecked(model: nn.Module, adapter_dir, name: str = "default",
+                            tokenizer=None) -> None:
+    """``load_adapter`` without its base-mismatch warning: the callers check the base
+    themselves, as an error (:func:`_check_base`), or did so already."""
+    import warnings
+
+    from lorakit.lora.io import load_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        load_adapter(model, adapter_dir, name, tokenizer=tokenizer)  # other shapes fail here
+
+
+def _check_base(folder, base: nn.Module, spec: str) -> None:
+    """AdapterError when ``folder``'s manifest records another base than ``base``."""
+    from lorakit.lora.io import base_config_hash
+
+    folder.check_base(base_config_hash(base), against=repr(spec),
+                      fix="pass the model it was trained on with --model, or --force to "
+                          "export anyway")
 
 
 # ---------------------------------------------------------------------- adapter folder -> HF folder
@@ -163,9 +196,7 @@ def load_adapted_base(adapter_dir, model: str | None = None, *,
             unless ``allow_base_mismatch``).
         ModelLoadError: the base cannot be loaded.
     """
-    import warnings
-
-    from lorakit.lora.io import base_config_hash, load_adapter, read_adapter_folder
+    from lorakit.lora.io import read_adapter_folder
     from lorakit.models.load import load_model
 
     folder = read_adapter_folder(adapter_dir, strict=True)
@@ -173,24 +204,15 @@ def load_adapted_base(adapter_dir, model: str | None = None, *,
     base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu")
     quant = folder.manifest.get("quantization")
     plain_base = copy.deepcopy(base) if quant else None  # quantized below, without adapters
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the hash is checked below, as an error
-        load_adapter(base, adapter_dir, tokenizer=tokenizer)  # other shapes fail here
+    _load_adapter_unchecked(base, adapter_dir, tokenizer=tokenizer)  # other shapes fail here
     if not allow_base_mismatch:
-        folder.check_base(base_config_hash(base), against=repr(spec),
-                          fix="pass the model it was trained on with --model, or --force to "
-                              "export anyway")
+        _check_base(folder, base, spec)
     quantized = None
     if quant:
         from lorakit.models.quantize import quantize_model
 
-        quantized = quantize_model(plain_base, quant_type=quant.get("type", "nf4"),
-                                   double_quant=quant.get("double_quant", True),
-                                   block_size=quant.get("block_size", 64),
-                                   compute_dtype=torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            load_adapter(quantized, adapter_dir, tokenizer=tokenizer)
+        quantized = quantize_model(plain_base, **_quant_kwargs(quant))
+        _load_adapter_unchecked(quantized, adapter_dir, tokenizer=tokenizer)
     return AdaptedBase(spec, base, quantized, tokenizer, folder.config, folder.manifest)
 
 
@@ -339,9 +361,6 @@ def _adapter_on_base(adapter_dir, spec: str, quant: dict | None):
     """A loader (called when needed) of the adapter over the float32 base, or over the 4-bit
     base quantized with the manifest's settings ``quant`` (as the QLoRA run trained)."""
     def load():
-        import warnings
-
-        from lorakit.lora.io import load_adapter
         from lorakit.models.load import load_model
 
         if quant and quant.get("block_size", 64) == 64:  # streamed straight to 4-bit
@@ -354,13 +373,8 @@ def _adapter_on_base(adapter_dir, spec: str, quant: dict | None):
             if quant:
                 from lorakit.models.quantize import quantize_model
 
-                quantize_model(base, quant_type=quant.get("type", "nf4"),
-                               double_quant=quant.get("double_quant", True),
-                               block_size=quant.get("block_size", 64),
-                               compute_dtype=torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the base was checked by the merge
-            load_adapter(base, adapter_dir, tokenizer=tokenizer)
+                quantize_model(base, **_quant_kwargs(quant))
+        _load_adapter_unchecked(base, adapter_dir, tokenizer=tokenizer)  # checked by the merge
         return base.eval()
     return load
 
@@ -399,25 +413,20 @@ class LeanMerge:
 
     def __init__(self, adapter_dir, model: str | None = None, *, dtype=torch.float32,
                  allow_base_mismatch: bool = False, name: str = "default"):
-        import warnings
-
-        from lorakit.lora.io import (base_config_hash, load_adapter, read_adapter_folder,
-                                     split_keys)
+        from lorakit.lora.io import read_adapter_folder, split_keys
         from lorakit.models import stream
-        from lorakit.models.load import (_from_pretrained, _hf_source, _local_folder,
-                                         load_tokenizer, resolve_spec)
+        from lorakit.models.load import (from_pretrained, load_tokenizer, local_checkpoint,
+                                         resolve_spec)
         from transformers import AutoConfig
 
         folder = read_adapter_folder(adapter_dir, strict=True)
         self.spec = base_spec_for(adapter_dir, model)
         resolved = resolve_spec(self.spec)
-        source = _hf_source(resolved)
-        base_folder = _local_folder(resolved, source)
-        layout = stream.checkpoint_layout(base_folder) if base_folder is not None else None
-        if layout is None:
+        found = local_checkpoint(resolved)
+        if found is None:
             raise NotStreamable(f"{self.spec}: no safetensors checkpoint on disk")
-        self.base_folder = base_folder
-        self.config = _from_pretrained(AutoConfig, resolved, str(base_folder))
+        self.base_folder, layout = found
+        self.config = from_pretrained(AutoConfig, resolved, str(self.base_folder))
         self.tokenizer = load_tokenizer(self.spec)
         plain = stream.build_skeleton(self.config, torch.float32)
         mapping = stream.match_names(plain, layout)
@@ -428,13 +437,9 @@ class LeanMerge:
         self.quant = folder.manifest.get("quantization") or None
         self.qlora = self.quant is not None
         self.lora = stream.build_skeleton(self.config, torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the hash is checked below
-            load_adapter(self.lora, adapter_dir, name)  # shapes checked; weights stay on meta
+        _load_adapter_unchecked(self.lora, adapter_dir, name)  # shapes; weights stay on meta
         if not allow_base_mismatch:
-            folder.check_base(base_config_hash(plain), against=repr(self.spec),
-                              fix="pass the model it was trained on with --model, or --force "
-                                  "to export anyway")
+            _check_base(folder, plain, self.spec)
         layers, other = split_keys(folder.tensors())
         self.adapted = {}
         for path, layer in lora_layers(self.lora):
@@ -464,7 +469,7 @@ class LeanMerge:
 
             self.quantized = {p for p, _ in quantizable_layers(plain)}
         self.source = {}  # merged tensor name -> checkpoint name
-        aliases = stream._aliases(plain)
+        aliases = stream.tied_names(plain)
         for ckpt, target in mapping.items():
             for alias in aliases.get(target, [target]):
                 self.source.setdefault(alias, ckpt)
@@ -481,7 +486,8 @@ class LeanMerge:
             out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
             plan.append((pname, tuple(tensor.shape), out_dtype))
         self.plan = plan
-        self.conv1d = {p for p, m in plain.named_modules() if type(m).__name__ == "Conv1D"}
+        self._dtypes = {n: d for n, _, d in plan}  # output dtype per tensor
+        self.conv1d = {p for p, m in plain.named_modules() if is_conv1d(m)}
         del plain
 
     def _changed(self, pname: str) -> bool:
@@ -494,22 +500,14 @@ class LeanMerge:
         if pname not in self.source:  # a persistent buffer the checkpoint does not hold
             return self.buffers[pname].detach().clone()
         ckpt = self.source[pname]
-        view = stream._read(self.layout.tensors[ckpt], ckpt)
-        tensor = view.float() if view.is_floating_point() else view.clone()
-        if tensor.data_ptr() == view.data_ptr():
-            tensor = tensor.clone()
-        return tensor
+        return stream.read_tensor(self.layout.tensors[ckpt], ckpt, torch.float32)
 
     def _quantized(self, weight: torch.Tensor, conv1d: bool):
         """The Linear4bit the QLoRA run trained on, from the dense float32 ``weight``."""
         from lorakit.models.quantize import linear4bit_from_weight
 
-        q = self.quant
-        return linear4bit_from_weight(weight.t() if conv1d else weight, None,
-                                      quant_type=q.get("type", "nf4"),
-                                      double_quant=q.get("double_quant", True),
-                                      block_size=q.get("block_size", 64),
-                                      compute_dtype=torch.float32, conv1d=conv1d)
+        return linear4bit_from_weight(weight.t() if conv1d else weight, None, conv1d=conv1d,
+                                      **_quant_kwargs(self.quant))
 
     @torch.no_grad()
     def tensor(self, pname: str) -> torch.Tensor:
@@ -545,13 +543,6 @@ class LeanMerge:
             tensor = dense.t() if conv1d else dense
         return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
 
-    @property
-    def _dtypes(self) -> dict:
-        cached = getattr(self, "_dtype_map", None)
-        if cached is None:
-            cached = self._dtype_map = {n: d for n, _, d in self.plan}
-        return cached
-
     def tensors(self):
         """``(name, tensor)`` of every output tensor in :attr:`plan` order, one at a time."""
         from lorakit.models.stream import release_freed_memory
@@ -570,9 +561,7 @@ class LeanMerge:
 
         config = copy_module.deepcopy(self.config)
         if self.untied:
-            for c in {id(c): c for c in (config, config.get_text_config())}.values():
-                if getattr(c, "tie_word_embeddings", False):
-                    c.tie_word_embeddings = False
+            _untie(config)
         arch = getattr(self.config, "architectures", None)
         if not arch:
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

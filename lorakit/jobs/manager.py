@@ -70,7 +70,6 @@ class JobManager:
         self._procs: dict[str, subprocess.Popen] = {}
         self._signalled: set[str] = set()
         self._tails: dict[str, tuple[int, int]] = {}  # job -> (inode, offset) of metrics.jsonl
-        self._owners: dict[str, str] = {}  # fine-tuned model name -> owner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -115,12 +114,6 @@ class JobManager:
 
     def wake(self) -> None:
         self._wake.set()
-
-    # ------------------------------------------------------------------ ownership
-    def visible(self, owner: str | None, model: str) -> bool:
-        """May ``owner`` see / use ``model``? Fine-tuned models belong to their job's owner."""
-        who = self._owners.get(model)
-        return who is None or owner is None or who == owner
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, job: dict) -> dict:
@@ -294,7 +287,6 @@ class JobManager:
         name, adapter = job["fine_tuned_model"], Path(job["run_dir"]) / "adapter"
         if not name or not adapter.is_dir():
             return
-        self._owners[name] = job["owner"]
         if self.engine is None or name in self.engine.adapters():
             return
         try:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lorakit.errors import ConfigError, DataError
+from lorakit.fileio import fsync_dir
 from lorakit.jobs.manager import JobManager
 from lorakit.jobs.protocol import JobRequest, check_lorakit_options, resolve_hyperparameters
 from lorakit.jobs.store import NotFound, new_id
@@ -87,7 +88,7 @@ async def upload_file(manager: JobManager, tokenizer, owner: str, filename: str,
                             + (" and no valid example" if not report["examples"] else "")
                             + "; fix them and upload again:\n" + "\n".join(lines) + more)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     kinds = report.get("kinds", {})
@@ -107,20 +108,6 @@ async def upload_file(manager: JobManager, tokenizer, owner: str, filename: str,
 def _printable(text) -> str:
     """A message safe to put in JSON / HTML: lone surrogates escaped."""
     return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX: fsync the directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def create_job(manager: JobManager, owner: str, body: JobRequest) -> dict:

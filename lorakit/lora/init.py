@@ -32,7 +32,6 @@ would no longer match the base ``lorakit merge`` and ``serve`` rebuild).
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
@@ -170,8 +169,6 @@ def _dense_reader(model: nn.Module):
         AdapterError: the model does not record where it came from, or that has no
             safetensors checkpoint.
     """
-    from safetensors import safe_open
-
     from lorakit.models import load, stream
 
     spec = getattr(model, "lorakit_spec", None)
@@ -179,20 +176,18 @@ def _dense_reader(model: nn.Module):
         raise AdapterError("lora.init: loftq reads the unquantized weights from the model's "
                            "checkpoint, but this model records none (load it with "
                            "lorakit.models.load.load_model)")
-    resolved = load.resolve_spec(spec)
-    folder = load._local_folder(resolved, load._hf_source(resolved))
-    layout = stream.checkpoint_layout(folder) if folder is not None else None
-    if layout is None:
+    found = load.local_checkpoint(load.resolve_spec(spec))
+    if found is None:
         raise AdapterError(f"lora.init: loftq needs the safetensors checkpoint of {spec!r}, "
                            f"which is not on this machine")
+    layout = found[1]
     prefix = getattr(model, "base_model_prefix", "") + "."
 
     def read(path: str, conv1d: bool) -> torch.Tensor:
         for key in (f"{path}.weight", f"{path}.weight".removeprefix(prefix)):
             info = layout.tensors.get(key)
             if info is not None:
-                with safe_open(str(info.file), framework="pt", device="cpu") as f:
-                    weight = f.get_tensor(key).to(torch.float32)
+                weight = stream.read_tensor(info, key, torch.float32)
                 return weight.t() if conv1d else weight
         raise AdapterError(f"lora.init: loftq: {spec!r} has no tensor {path}.weight")
 

@@ -202,7 +202,7 @@ def _not_available(hub_id: str, reason: Exception) -> ModelLoadError:
         "the model; or pass a .gguf file of the model.")
 
 
-def _from_pretrained(loader, resolved: ResolvedSpec, source: str | None = None, **kwargs):
+def from_pretrained(loader, resolved: ResolvedSpec, source: str | None = None, **kwargs):
     """Call ``loader.from_pretrained`` for any spec kind, mapping failures to ModelLoadError.
 
     ``source`` is what :func:`_hf_source` returned, when the caller already has it."""
@@ -241,7 +241,7 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
     """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, resolve_spec(spec))
+    return from_pretrained(AutoTokenizer, resolve_spec(spec))
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, device=None,
@@ -284,7 +284,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     torch_dtype = resolve_dtype(dtype, device)
     resolved = resolve_spec(spec)
     source = _hf_source(resolved)
-    tokenizer = _from_pretrained(AutoTokenizer, resolved, source)  # fails fast, before weights
+    tokenizer = from_pretrained(AutoTokenizer, resolved, source)  # fails fast, before weights
     quant = None
     if quantization is not None:
         from lorakit.models.quantize import resolve_compute_dtype
@@ -296,7 +296,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
         model = _load_streaming(resolved, source, torch_dtype, device, quant)
     if model is None:  # device_map placement, .bin weights, names needing conversion
         placed = {"device_map": device_map} if device_map is not None else {}
-        model = _from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype,
+        model = from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype,
                                  **placed)
         if device_map is None:
             model.to(device)
@@ -311,17 +311,30 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     return model, tokenizer
 
 
-def _local_folder(resolved: ResolvedSpec, source: str) -> Path | None:
-    """The folder holding the model's files: a local folder, the GGUF cache entry, or a hub
-    id's snapshot in the local Hugging Face cache (None when it is not there yet)."""
-    if resolved.kind != "hub":
-        return Path(source)
-    try:
-        from huggingface_hub import snapshot_download
+def local_checkpoint(resolved: ResolvedSpec, source: str | None = None):
+    """``(folder, layout)`` of the model's safetensors checkpoint on this machine: a local
+    folder, the GGUF cache entry, or a hub id's snapshot in the local Hugging Face cache, with
+    its :class:`lorakit.models.stream.Layout` (every shard header checked). None when there is
+    none (a hub id not cached yet, ``.bin`` weights only): ``from_pretrained`` is for those.
 
-        return Path(snapshot_download(resolved.spec, local_files_only=True))
-    except Exception:  # not cached (or not fully): from_pretrained fetches it
-        return None
+    ``source`` is what :func:`_hf_source` returned, when the caller already has it.
+
+    Raises:
+        ModelLoadError: a shard is missing, truncated or corrupt (file and tensor named).
+    """
+    from lorakit.models import stream
+
+    if resolved.kind != "hub":
+        folder = Path(source if source is not None else _hf_source(resolved))
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(resolved.spec, local_files_only=True))
+        except Exception:  # not cached (or not fully): from_pretrained fetches it
+            return None
+    layout = stream.checkpoint_layout(folder)
+    return None if layout is None else (folder, layout)
 
 
 def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: dict | None):
@@ -332,13 +345,11 @@ def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: d
 
     from lorakit.models import stream
 
-    folder = _local_folder(resolved, source)
-    if folder is None:
+    found = local_checkpoint(resolved, source)  # missing or corrupt shards: ModelLoadError here
+    if found is None:
         return None
-    layout = stream.checkpoint_layout(folder)  # missing or corrupt shards: ModelLoadError here
-    if layout is None:
-        return None
-    config = _from_pretrained(AutoConfig, resolved, str(folder))
+    folder, layout = found
+    config = from_pretrained(AutoConfig, resolved, str(folder))
     if dtype == "auto":
         named = getattr(config, "dtype", None)
         if isinstance(named, str):
@@ -426,7 +437,7 @@ def meta_model(resolved: ResolvedSpec):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = _from_pretrained(AutoConfig, resolved)
+    config = from_pretrained(AutoConfig, resolved)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -26,9 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lorakit.models.modules import is_conv1d, replace_module
-
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.models.modules import is_conv1d, replace_module
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -238,7 +238,7 @@ def build_skeleton(config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
     """name -> every name of the same parameter (tied embeddings and head share one)."""
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -261,7 +261,7 @@ def match_names(model: nn.Module, layout: Layout) -> dict[str, str] | None:
             mapping[name] = name
         elif prefix and f"{prefix}.{name}" in expected:
             mapping[name] = f"{prefix}.{name}"
-    aliases = _aliases(model)
+    aliases = tied_names(model)
     covered = set()
     for target in mapping.values():
         covered.update(aliases.get(target, [target]))
@@ -297,6 +297,23 @@ def _read(info: TensorInfo, name: str) -> torch.Tensor:
     except Exception as exc:  # safetensors raises its own error type; a read may also fail
         raise ModelLoadError(f"{info.file}: cannot read tensor {name!r} ({type(exc).__name__}: "
                              f"{exc}); the shard may be corrupt: re-download it") from None
+
+
+def read_tensor(info: TensorInfo, name: str, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The checkpoint tensor ``name`` (at ``info``) in memory of its own on ``device``, never a
+    view of the file mapping; a floating-point tensor cast to ``dtype`` when given (other
+    tensors, and all when ``dtype`` is None, keep the checkpoint's dtype).
+
+    Raises:
+        ModelLoadError: the shard cannot be read (file and tensor named).
+    """
+    view = _read(info, name)
+    tensor = view.to(device=device,
+                     dtype=dtype if dtype is not None and view.is_floating_point() else view.dtype)
+    if tensor.data_ptr() == view.data_ptr():
+        tensor = view.clone()
+    return tensor
 
 
 def _put(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
@@ -361,18 +378,14 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
                                       quantization.get("skip_modules"), device=device, dtype=dtype)
         qz.probe_device(device)
         quantized = {f"{path}.weight": (path, qz.is_conv1d(m)) for path, m in layers}
-    aliases = _aliases(model)
+    aliases = tied_names(model)
     done: set[str] = set()
     for name, target in mapping.items():
         info = layout.tensors[name]
         if target in done:
             continue  # a tied copy stored twice
-        view = _read(info, name)
-        want = expected[target].dtype if expected[target].is_floating_point() else view.dtype
-        tensor = view.to(device=device, dtype=want)
-        if tensor.data_ptr() == view.data_ptr():
-            tensor = view.clone()  # own memory, not a view of the file mapping
-        del view
+        want = expected[target].dtype if expected[target].is_floating_point() else None
+        tensor = read_tensor(info, name, want, device)
         names = aliases.get(target, [target])
         if target in quantized:
             path, conv1d = quantized[target]

@@ -178,10 +178,10 @@ def resolve_model_config(model: str):
         from transformers import AutoConfig
 
         from lorakit.errors import LorakitError
-        from lorakit.models.load import _from_pretrained, resolve_spec
+        from lorakit.models.load import from_pretrained, resolve_spec
 
         try:
-            return model, _from_pretrained(AutoConfig, resolve_spec(model))
+            return model, from_pretrained(AutoConfig, resolve_spec(model))
         except LorakitError as exc:
             raise ConfigError(str(exc)) from None
     if "/" in model and not path.exists():

@@ -51,7 +51,8 @@ class MeasureSpec:
     max_rss_gib: float | None = None
 
 
-def _rss_bytes(field: str = "VmRSS") -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's ``field`` of /proc/self/status in bytes (``VmRSS`` now, ``VmHWM`` peak)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -59,7 +60,7 @@ def _rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak resident size (Linux >= 4.0); False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -69,17 +70,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
-    """Give the heap memory freed while loading back to the OS (glibc keeps it otherwise: a
-    QLoRA load frees a whole dense copy of the weights, which would then count as the run's)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _guard_rss(limit_bytes: int) -> None:
     """Exit this process (code 3) as soon as its resident size passes ``limit_bytes``."""
     import threading
@@ -87,7 +77,7 @@ def _guard_rss(limit_bytes: int) -> None:
 
     def watch():
         while True:
-            rss = _rss_bytes()
+            rss = rss_bytes()
             if rss > limit_bytes:
                 print(f"error: resident size {rss / 2**30:.2f} GiB passed the limit "
                       f"{limit_bytes / 2**30:.2f} GiB (max_rss_gib); stopped", file=sys.stderr,
@@ -111,6 +101,7 @@ def run_measurement(spec: MeasureSpec) -> dict:
     import torch
 
     from lorakit.config import RunConfig
+    from lorakit.models.stream import release_freed_memory
     from lorakit.train import common
     from lorakit.train.sft import setup_model
 
@@ -131,12 +122,12 @@ def run_measurement(spec: MeasureSpec) -> dict:
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        baseline = _rss_bytes()
-        _reset_peak_rss()
+        baseline = rss_bytes()
+        reset_peak_rss()
     started = time.perf_counter()
     model, _, _ = setup_model(cfg, device, precision)
     load_seconds = time.perf_counter() - started
-    load_peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes("VmHWM")
+    load_peak = torch.cuda.max_memory_allocated(device) if cuda else rss_bytes("VmHWM")
     optimizer = common.build_optimizer(model, 1e-4, 0.0)
     vocab = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(spec.seed)
@@ -145,13 +136,13 @@ def run_measurement(spec: MeasureSpec) -> dict:
              "position_ids": torch.arange(spec.seq_len).repeat(spec.batch_size, 1).to(device)}
     gc.collect()
     if not cuda:
-        _malloc_trim()
-    after_setup = torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
+        release_freed_memory()  # the heap the loader freed (glibc keeps it otherwise)
+    after_setup = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         kind = "cuda max_memory_allocated"
     else:
-        kind = "cpu peak RSS (VmHWM)" if _reset_peak_rss() else "cpu peak RSS (ru_maxrss, not reset)"
+        kind = "cpu peak RSS (VmHWM)" if reset_peak_rss() else "cpu peak RSS (ru_maxrss, not reset)"
     losses = []
     started = time.perf_counter()
     for _ in range(spec.steps):
@@ -166,7 +157,7 @@ def run_measurement(spec: MeasureSpec) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
     elif kind.endswith("(VmHWM)"):
-        peak = _rss_bytes("VmHWM")
+        peak = rss_bytes("VmHWM")
     else:
         peak = common.peak_memory_bytes(device)
     return {"peak_delta_bytes": int(peak - baseline),

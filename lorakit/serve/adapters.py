@@ -232,14 +232,10 @@ def install(model: nn.Module, name: str, prepared: PreparedAdapter, dtype: torch
             param.requires_grad_(False)
 
 
-def uninstall(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from ``model`` (call only between forwards)."""
-    purge(model, name)
-
-
 def purge(model: nn.Module, name: str) -> None:
-    """Remove every trace of adapter ``name``, also of a half-done install (layers that got
-    it while others did not, a name missing from the model's adapter table)."""
+    """Remove adapter ``name`` from ``model`` (call only between forwards): every trace of it,
+    also of a half-done install (layers that got it while others did not, a name missing from
+    the model's adapter table)."""
     from lorakit.lora.inject import adapter_configs, delete_adapter, lora_layers
     from lorakit.models.modules import replace_module
 

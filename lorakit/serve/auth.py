@@ -21,13 +21,13 @@ level, and only the server imports this module.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
 
+from lorakit.data.jsonl import JSONRecordError, loads_record
 from lorakit.errors import ConfigError
 from lorakit.serve.protocol import APIError
 
@@ -162,9 +162,9 @@ def load_keys(path: str | os.PathLike) -> KeyFile:
         raise ConfigError(f"--keys-file {file}: no such file")
     text = file.read_text()
     if text.lstrip().startswith("{"):
-        try:
-            keys = json.loads(text)
-        except json.JSONDecodeError as exc:
+        try:  # the project's one JSON reader: hostile nesting or numbers are a clear error
+            keys = loads_record(text)
+        except JSONRecordError as exc:
             raise ConfigError(f"{file}: not valid JSON ({exc})") from None
         if not isinstance(keys, dict):
             raise ConfigError(f"{file}: the JSON object must map API key strings to owner names")

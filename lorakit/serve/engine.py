@@ -444,12 +444,8 @@ class Engine:
     def _drop_slot(self, slot: str) -> None:
         """Take an adapter version out of the model and forget it (engine thread)."""
         if slot in self._resident:
-            try:
-                adapter_files.uninstall(self.model, slot)
-            except Exception:  # noqa: BLE001 - purge whatever is left of it
-                adapter_files.purge(self.model, slot)
+            self._drop_slot_keep(slot)
         with self._lock:
-            self._resident.pop(slot, None)
             self._slots.pop(slot, None)
 
     def _fail_adapter(self, slot: str, message: str, future: Future | None = None,
@@ -484,8 +480,8 @@ class Engine:
     def _drop_slot_keep(self, slot: str) -> None:
         """Evict: out of the model, still registered (read again when asked for)."""
         try:
-            adapter_files.uninstall(self.model, slot)
-        except Exception:  # noqa: BLE001
+            adapter_files.purge(self.model, slot)
+        except Exception:  # noqa: BLE001 - a removal that broke half way: clear the layers left
             adapter_files.purge(self.model, slot)
         with self._lock:
             self._resident.pop(slot, None)
@@ -801,12 +797,12 @@ class Engine:
         A row whose probabilities are not finite (a denormal temperature, an adapter that
         yields NaN) gets an exception in its place; the other rows are sampled as usual."""
         greedy = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).any(dim=-1).tolist()  # one check for the whole batch
         tokens: list = []
         for i, req in enumerate(rows):
             p = req.params
             if p.temperature == 0:
-                row = logits[i]
-                tokens.append(greedy[i] if bool(torch.isfinite(row).any()) else
+                tokens.append(greedy[i] if finite[i] else
                               ArithmeticError("the model produced no finite logit"))
                 continue
             try:

@@ -443,7 +443,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         raise ConfigError("method: kto estimates its reference point from mismatched pairs "
                           "within a batch: set train.batch_size to 2 or more")
     device = common.default_device()
-    precision = common.resolve_precision(cfg.train.precision, device)
+    precision, precision_reason = common.precision_choice(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
     resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)
@@ -561,8 +561,8 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         last_eval = evaluate(model, eval_pairs, cfg, pad_id, device, precision, has_ref_adapter,
                              cache)
         steps.final_eval(loop, last_eval)
-    summary = _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early,
-                       len(train_pairs), len(eval_pairs), ref_name)
+    summary = _summary(cfg, loop, order, last_eval, counts, precision, precision_reason, device,
+                       stopped_early, len(train_pairs), len(eval_pairs), ref_name)
     _write_final(cfg, model, tokenizer, run_dir, loop, summary)
     steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as an artifact
     return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
@@ -587,8 +587,8 @@ def _write_final(cfg, model, tokenizer, run_dir: Path, loop: LoopState, summary:
     report.write_summary(run_dir, summary)
 
 
-def _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_early, n_train,
-             n_eval, ref_name) -> dict:
+def _summary(cfg, loop, order, last_eval, counts, precision, precision_reason, device,
+             stopped_early, n_train, n_eval, ref_name) -> dict:
     return {
         "method": cfg.method, "model": cfg.model, "quantized": cfg.quantized,
         "loss_type": cfg.dpo.loss if cfg.method == "dpo" else cfg.method, "beta": cfg.dpo.beta,
@@ -606,7 +606,7 @@ def _summary(cfg, loop, order, last_eval, counts, precision, device, stopped_ear
         "final_eval_reward_margin": last_eval["eval_rewards/margin"] if last_eval else None,
         "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
         "precision": precision, "device": str(device), "stopped_early": stopped_early,
-        "precision_reason": common.precision_choice(cfg.train.precision, device)[1],
+        "precision_reason": precision_reason,
         "train_pairs": n_train, "eval_pairs": n_eval,
     }
 

@@ -56,10 +56,7 @@ class MetricsLog:
                 fileio.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             elif resume_step is None and self.path.exists():
                 self.path.unlink()
-            try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise fileio._naming(exc, self.path) from None
+            self._fd = fileio.open_append(self.path)
 
     def write(self, record: dict) -> None:
         with write_errors():
@@ -271,13 +268,10 @@ def _pyplot():
 
 
 def _save_png(fig, path: Path) -> None:
-    """Write the figure under a temporary name, then rename it into place, and free it."""
+    """Write the figure durably (:func:`lorakit.fileio.atomic_write`), then free it."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        with write_errors({tmp: path}):
-            fig.savefig(tmp)
-            os.replace(tmp, path)
+        with write_errors():
+            fileio.atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         _pyplot().close(fig)
-        tmp.unlink(missing_ok=True)

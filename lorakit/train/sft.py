@@ -138,7 +138,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
 
     log = distributed.main_only(log, dist)
     device = dist.device
-    precision = common.resolve_precision(cfg.train.precision, device)
+    precision, precision_reason = common.precision_choice(cfg.train.precision, device)
     run_dir = cfg.resolved_output_dir()
     resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)
@@ -156,7 +156,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     log(f"{cfg.method} on {cfg.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
         f"parameters ({counts['percent']:.2f}%), {data_stats['train_examples']} examples in "
         f"{len(train_rows)} rows, {total_steps} steps, precision {precision} "
-        f"({common.precision_choice(cfg.train.precision, device)[1]}), device {device}"
+        f"({precision_reason}), device {device}"
         + (f", {dist.world_size} processes ({cfg.train.strategy}, batch {order.batch_size} rows "
            f"per micro-step)" if dist.enabled else ""))
 
@@ -272,8 +272,8 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
                               loss_module=loss_module, dist=dist)
         steps.final_eval(loop, {"eval_loss": final_eval})
     adapter_state = dist.gather_adapter(model) if dist.enabled and cfg.method != "full" else None
-    summary = _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early,
-                       data_stats, dist)
+    summary = _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, device,
+                       stopped_early, data_stats, dist)
     if dist.is_main:
         _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary)
         steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as artifact
@@ -297,8 +297,8 @@ def _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary) -
     report.write_summary(run_dir, summary)
 
 
-def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_early, data_stats,
-             dist) -> dict:
+def _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, device,
+             stopped_early, data_stats, dist) -> dict:
     return {
         "method": cfg.method, "model": cfg.model, "steps": loop.step,
         "epochs": round(order.epoch_of(loop.micro_index), 4),
@@ -310,7 +310,7 @@ def _summary(cfg, loop, order, final_eval, counts, precision, device, stopped_ea
         "final_train_loss": loop.last_loss, "final_eval_loss": final_eval,
         "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
         "precision": precision, "device": str(device), "stopped_early": stopped_early,
-        "precision_reason": common.precision_choice(cfg.train.precision, device)[1],
+        "precision_reason": precision_reason,
         "world_size": dist.world_size, "strategy": cfg.train.strategy if dist.enabled else None,
         **data_stats,
     }

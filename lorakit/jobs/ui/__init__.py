@@ -44,7 +44,7 @@ from lorakit.serve.auth import DEFAULT_OWNER
 HERE = Path(__file__).parent
 COOKIE = "lorakit_session"
 SESSION_TTL_S = 12 * 3600
-CSRF_FIELD, CSRF_HEADER = "csrf_token", "x-csrf-token"
+CSRF_HEADER = "x-csrf-token"  # the playground's token; the forms send a csrf_token field
 
 
 class _Login(Exception):
@@ -133,16 +133,16 @@ def ui_router(sessions: Sessions | None = None) -> APIRouter:
     sessions = sessions or Sessions()
 
     def session(http: HTTPRequest) -> tuple[str, str]:
-        """(owner, CSRF token) of the request's session. A server without keys opens an
-        anonymous one (its forms still need the CSRF token)."""
-        found = sessions.get(http.cookies.get(COOKIE))
-        if found is not None:
-            return found
-        if http.app.state.keys:
-            raise _Login()
-        sid, csrf = sessions.create(DEFAULT_OWNER)
-        http.state.new_session = sid
-        return DEFAULT_OWNER, csrf
+        """(owner, CSRF token) of the request's session, looked up once per request. A server
+        without keys opens an anonymous one (its forms still need the CSRF token)."""
+        found = getattr(http.state, "session", None) or sessions.get(http.cookies.get(COOKIE))
+        if found is None:
+            if http.app.state.keys:
+                raise _Login()
+            sid, csrf = sessions.create(DEFAULT_OWNER)
+            http.state.new_session, found = sid, (DEFAULT_OWNER, csrf)
+        http.state.session = found
+        return found
 
     def owner(http: HTTPRequest) -> str:
         return session(http)[0]

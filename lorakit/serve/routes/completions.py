@@ -75,6 +75,10 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "serv
                 504: "timeout_error"}
 
 
+def _model_not_found(exc: ModelNotFound) -> APIError:
+    return APIError(404, str(exc), "not_found_error", param="model", code="model_not_found")
+
+
 def _error_of(event: tuple) -> tuple[int, str, str]:
     """(status, message, type) of an engine ``("error", message[, status])`` event."""
     status = event[2] if len(event) > 2 else 500
@@ -94,8 +98,7 @@ async def _generate(http: HTTPRequest, body: GenerationRequest, ids: list[int], 
     try:  # another owner's adapter reads as not existing; the message names only visible ones
         adapter = engine.resolve_model(body.model, lambda entry: can_use(entry, caller))
     except ModelNotFound as exc:
-        raise APIError(404, str(exc), "not_found_error", param="model",
-                       code="model_not_found") from None
+        raise _model_not_found(exc) from None
     label = metrics_label(engine.adapter(adapter) if adapter else None, body.model, state.keys)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: 16 for completions; vLLM: the rest of the context
@@ -120,9 +123,8 @@ async def _generate(http: HTTPRequest, body: GenerationRequest, ids: list[int], 
         raise APIError(503, str(exc), "server_error") from None
     except ConfigError as exc:
         raise APIError(400, str(exc)) from None
-    except ModelNotFound as exc:
-        raise APIError(404, str(exc), "not_found_error", param="model",
-                       code="model_not_found") from None
+    except ModelNotFound as exc:  # unloaded between the lookup and the submit
+        raise _model_not_found(exc) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
