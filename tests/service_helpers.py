@@ -1,8 +1,10 @@
-"""Shared by the fine-tuning service tests (tests/serve/test_jobs*.py, test_ui.py): small
-datasets, polling a job, and a `lorakit serve --state-dir` subprocess."""
+"""Shared by the serving and fine-tuning service tests (tests/serve/): small datasets, polling a
+job, the service on a loopback port in this process (:func:`running_service`), and a
+`lorakit serve` subprocess (:func:`start_cli_server`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,15 +57,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cli_server(base_dir: Path, state_dir: Path, port: int, log: Path, *extra: str,
+@contextlib.contextmanager
+def running_service(base_dir: Path, state_dir: Path, *, api_key: str | None = None,
+                    api_keys: dict[str, str] | None = None, ui: bool = True,
+                    max_concurrent: int = 1):
+    """The inference server with the fine-tuning service (``create_service_app``) over the tiny
+    base at ``base_dir``, served as ``tiny-base`` on a free loopback port; yields
+    ``{"url", "engine", "manager", "app", "state"}`` and stops it all afterwards."""
+    from lorakit.jobs.api import create_service_app
+    from lorakit.jobs.manager import JobManager
+    from lorakit.models.load import load_model
+    from lorakit.serve.api import ServerThread
+    from lorakit.serve.engine import Engine
+
+    model, tokenizer = load_model(base_dir)
+    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256)
+    manager = JobManager(state_dir, engine, base_model=str(base_dir), base_name="tiny-base",
+                         max_concurrent=max_concurrent, poll_s=0.1)
+    app = create_service_app(engine, manager, api_key=api_key, api_keys=api_keys, ui=ui)
+    thread = ServerThread(app).start()
+    try:
+        yield {"url": thread.url, "engine": engine, "manager": manager, "app": app,
+               "state": state_dir}
+    finally:
+        thread.stop()
+        manager.stop()
+        engine.stop()
+
+
+def start_cli_server(base_dir: Path, state_dir: Path | None, port: int, log: Path, *extra: str,
                      timeout: float = 120) -> subprocess.Popen:
-    """`lorakit serve --state-dir` as a real process; returns once /health answers."""
+    """`lorakit serve` (with `--state-dir` unless ``state_dir`` is None) as a real process,
+    open (no API key, whatever the environment says); returns once /health answers."""
     import httpx
 
+    state = ["--state-dir", str(state_dir)] if state_dir is not None else []
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(base_dir),
-           "--served-model-name", "tiny-base", "--state-dir", str(state_dir), "--port", str(port),
+           "--served-model-name", "tiny-base", *state, "--port", str(port),
            "--log", "none", "--max-model-len", "256", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_API_KEY"}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -68,3 +68,17 @@ def save_tiny_folder(path, family: str = "llama"):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def make_smol_llama(tokenizer, *, hidden_size: int = 64, intermediate_size: int = 128, seed: int = 0):
+    """A tiny random Llama sized for ``tokenizer`` (the real SmolLM2 one, with its chat
+    template: ``smol_tokenizer``): 2 layers, 4 heads (2 KV), tied embeddings, its BOS/EOS."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                            intermediate_size=intermediate_size, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=512, tie_word_embeddings=True,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(config)

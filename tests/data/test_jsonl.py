@@ -11,8 +11,8 @@ import pytest
 from lorakit.cli import main
 from lorakit.config import RunConfig
 from lorakit.data.check import check_data
-from lorakit.data.formats import load_examples, loads_record, read_jsonl_records
-from lorakit.data.jsonl import MAX_DEPTH, JSONRecordError
+from lorakit.data.formats import load_examples
+from lorakit.data.jsonl import MAX_DEPTH, JSONRecordError, loads_record, read_jsonl_records
 from lorakit.errors import DataError
 
 GOOD = b'{"prompt": "What is 2+2?", "completion": "4"}'

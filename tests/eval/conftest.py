@@ -2,21 +2,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import make_smol_llama
 
 
 @pytest.fixture(scope="session")
 def eval_base_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llama with the real SmolLM2 tokenizer and chat template, as a folder."""
-    import transformers as tf
-
     folder = tmp_path_factory.mktemp("eval-base")
-    config = tf.LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=512, tie_word_embeddings=True,
-                            bos_token_id=smol_tokenizer.bos_token_id,
-                            eos_token_id=smol_tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    make_smol_llama(smol_tokenizer, hidden_size=32, intermediate_size=64).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
 
@@ -30,9 +23,9 @@ def eval_adapters(tmp_path_factory, eval_base_dir):
 
     folder = tmp_path_factory.mktemp("eval-adapters")
     model, tokenizer = load_model(str(eval_base_dir), dtype=torch.float32)
+    torch.manual_seed(1)  # A's init too: the adapters must not depend on which tests ran first
     add_adapter(model, LoraConfig(r=4, lora_alpha=8), name="zero")
     add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), name="rand")
-    torch.manual_seed(1)
     for _, layer in lora_layers(model):
         if "rand" in layer.lora_B:
             torch.nn.init.normal_(layer.lora_B["rand"].weight, std=0.3)

@@ -218,3 +218,18 @@ def test_html_report_renders_in_headless_chromium(run, capsys, tmp_path):
 def test_missing_adapter_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path / "nope"), "--data", "x.jsonl"]) == 2
     assert f"adapter folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "c", "reference": NaN}', "bad.jsonl:2: reference: NaN is not valid JSON"),
+    ('{"prompt": "c", "reference": ' + "[" * 5000 + "]" * 5000 + "}", "bad.jsonl:2: nested more than"),
+    ('{"prompt": "c", ', "bad.jsonl:2: malformed JSON"),
+])
+def test_hostile_eval_file_is_a_data_error_naming_the_line(line, message, tmp_path):
+    from lorakit.errors import DataError
+    from lorakit.eval.compare import load_eval_examples
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "reference": "b"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        load_eval_examples(bad)

@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from tiny_data import write_digit_data
+from tiny_models import make_smol_llama
 
 from lorakit.cli import main
 
@@ -21,18 +23,11 @@ REFUSAL = "I'm sorry, but I can't help with that."
 
 @pytest.fixture(scope="module")
 def refusing_base(tmp_path_factory, smol_tokenizer):
-    import transformers as tf
-
     from lorakit.eval.forgetting import safety_prompts
 
     tok = smol_tokenizer
     folder = tmp_path_factory.mktemp("refusing-base")
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=512, tie_word_embeddings=True,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config)
+    model = make_smol_llama(tok)
     answer = tok(REFUSAL + tok.eos_token, add_special_tokens=False)["input_ids"]
     rows = []
     for prompt in safety_prompts():
@@ -64,13 +59,7 @@ def refusing_base(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def digit_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits")
-    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    rows = [{"prompt": f"Spell the digit {i % 10} ({n})", "completion": words[i % 10]}
-            for n, i in enumerate(range(60))]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
-    return folder
+    return write_digit_data(tmp_path_factory.mktemp("digits"))
 
 
 def _run(base, data, out, lr, steps):

@@ -18,6 +18,7 @@ from checkpoints import llama_config, save_word_tokenizer, write_llama_checkpoin
 from lorakit.errors import LorakitError, ModelLoadError
 from lorakit.models import stream
 from lorakit.models.load import load_model
+from lorakit.plan.measure import reset_peak_rss
 from tiny_models import FAMILIES, _config, sample_input_ids
 
 MIB = 2**20
@@ -30,11 +31,7 @@ import gc, json, sys
 from lorakit.models.load import load_model
 from lorakit.models.quantize import quantized_weight_bytes
 from lorakit.models.stream import release_freed_memory
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+from lorakit.plan.measure import reset_peak_rss, rss_bytes as rss
 
 warm, path = sys.argv[1:3]
 results = {}
@@ -43,8 +40,7 @@ for dtype, quant in (("bfloat16", None), ("float32", "nf4")):
     del model
     gc.collect()
     release_freed_memory()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    assert reset_peak_rss()  # VmHWM = the current RSS
     base = rss("VmRSS")
     model, _ = load_model(path, dtype=dtype, device="cpu", quantization=quant)
     results[quant or dtype] = {"peak": rss("VmHWM") - base, "after": rss("VmRSS") - base,
@@ -54,20 +50,11 @@ print(json.dumps(results))
 """
 
 
-def _clear_refs_works() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """Peak and final RSS deltas of a bf16 and an nf4 (float32 compute) load of a 168 MB bf16
     checkpoint (84M parameters, 6 layers of hidden 1024) in 48 MB shards, one fresh process."""
-    if not _clear_refs_works():
+    if not reset_peak_rss():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     root = tmp_path_factory.mktemp("ckpt")
     info = write_llama_checkpoint(root / "big", llama_config(

@@ -9,31 +9,17 @@ import time
 import httpx
 import openai
 import pytest
-from service_helpers import sft_rows, write_jsonl
+from service_helpers import running_service, sft_rows, write_jsonl
 
 ALICE, BOB = "sk-alice", "sk-bob"
 
 
 @pytest.fixture(scope="module")
 def service(serve_env, tmp_path_factory):
-    from lorakit.jobs.api import create_service_app
-    from lorakit.jobs.manager import JobManager
-    from lorakit.models.load import load_model
-    from lorakit.serve.api import ServerThread
-    from lorakit.serve.engine import Engine
-
-    state = tmp_path_factory.mktemp("hard-state")
-    model, tokenizer = load_model(serve_env["base_dir"])
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256)
-    manager = JobManager(state, engine, base_model=str(serve_env["base_dir"]),
-                         base_name="tiny-base", poll_s=0.1)
-    app = create_service_app(engine, manager, api_keys={ALICE: "alice", BOB: "bob"})
-    thread = ServerThread(app).start()
     good = write_jsonl(tmp_path_factory.mktemp("hard-data") / "train.jsonl", sft_rows(8))
-    yield {"url": thread.url, "manager": manager, "state": state, "good": good, "app": app}
-    thread.stop()
-    manager.stop()
-    engine.stop()
+    with running_service(serve_env["base_dir"], tmp_path_factory.mktemp("hard-state"),
+                         api_keys={ALICE: "alice", BOB: "bob"}) as running:
+        yield {**running, "good": good}
 
 
 def _client(service, key=ALICE):

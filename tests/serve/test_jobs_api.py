@@ -10,37 +10,24 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from service_helpers import bad_rows_text, dpo_rows, sft_rows, wait_job, write_jsonl
+from service_helpers import (bad_rows_text, dpo_rows, running_service, sft_rows, wait_job,
+                             write_jsonl)
 
 ALICE, BOB = "sk-alice", "sk-bob"
 
 
 @pytest.fixture(scope="module")
 def service(serve_env, tmp_path_factory):
-    from lorakit.jobs.api import create_service_app
-    from lorakit.jobs.manager import JobManager
-    from lorakit.models.load import load_model
-    from lorakit.serve.api import ServerThread
-    from lorakit.serve.engine import Engine
-
-    state = tmp_path_factory.mktemp("jobs-state")
-    model, tokenizer = load_model(serve_env["base_dir"])
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256)
-    manager = JobManager(state, engine, base_model=str(serve_env["base_dir"]),
-                         base_name="tiny-base", max_concurrent=2, poll_s=0.1)
-    app = create_service_app(engine, manager, api_keys={ALICE: "alice", BOB: "bob"}, ui=False)
-    thread = ServerThread(app).start()
     data = tmp_path_factory.mktemp("jobs-data")
     files = {"train": write_jsonl(data / "train.jsonl", sft_rows(24)),
              "valid": write_jsonl(data / "valid.jsonl", sft_rows(4, start=100)),
              "pairs": write_jsonl(data / "pairs.jsonl", dpo_rows(12))}
     (data / "bad.jsonl").write_text(bad_rows_text())
     files["bad"] = data / "bad.jsonl"
-    yield {"url": thread.url, "engine": engine, "manager": manager, "files": files,
-           "base_dir": serve_env["base_dir"]}
-    thread.stop()
-    manager.stop()
-    engine.stop()
+    with running_service(serve_env["base_dir"], tmp_path_factory.mktemp("jobs-state"),
+                         api_keys={ALICE: "alice", BOB: "bob"}, ui=False,
+                         max_concurrent=2) as running:
+        yield {**running, "files": files, "base_dir": serve_env["base_dir"]}
 
 
 def _client(service, key):

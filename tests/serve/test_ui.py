@@ -12,30 +12,16 @@ import zipfile
 import httpx
 import openai
 import pytest
-from service_helpers import bad_rows_text, sft_rows, write_jsonl
+from service_helpers import bad_rows_text, running_service, sft_rows, write_jsonl
 
 KEY = "sk-ui-test"
 
 
 @pytest.fixture(scope="module")
 def ui_service(serve_env, tmp_path_factory):
-    from lorakit.jobs.api import create_service_app
-    from lorakit.jobs.manager import JobManager
-    from lorakit.models.load import load_model
-    from lorakit.serve.api import ServerThread
-    from lorakit.serve.engine import Engine
-
-    state = tmp_path_factory.mktemp("ui-state")
-    model, tokenizer = load_model(serve_env["base_dir"])
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256)
-    manager = JobManager(state, engine, base_model=str(serve_env["base_dir"]),
-                         base_name="tiny-base", poll_s=0.1)
-    app = create_service_app(engine, manager, api_key=KEY)
-    thread = ServerThread(app).start()
-    yield {"url": thread.url, "engine": engine, "manager": manager}
-    thread.stop()
-    manager.stop()
-    engine.stop()
+    with running_service(serve_env["base_dir"], tmp_path_factory.mktemp("ui-state"),
+                         api_key=KEY) as running:
+        yield running
 
 
 def test_ui_needs_a_valid_key_and_keeps_a_session_in_a_strict_cookie(ui_service):

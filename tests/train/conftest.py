@@ -1,7 +1,6 @@
-import json
-
 import pytest
 import torch
+from tiny_data import write_digit_data
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +25,4 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
 @pytest.fixture(scope="session")
 def arithmetic_data(tmp_path_factory):
     """A small learnable prompt/completion file and a held-out one."""
-    folder = tmp_path_factory.mktemp("data")
-    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    rows = [{"prompt": f"Spell the digit {i % 10} ({n})", "completion": words[i % 10]}
-            for n, i in enumerate(range(60))]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
-    return folder
+    return write_digit_data(tmp_path_factory.mktemp("data"))

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from run_helpers import adapter_tensors, max_abs_diff
 
 from lorakit.cli import main
 from lorakit.config import load_config
@@ -32,12 +32,7 @@ def _cfg(*args):
 
 
 def _adapter(run_dir):
-    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return adapter_tensors(Path(run_dir) / "adapter")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     assert any(f"resumed from {run / 'checkpoints' / 'step-2'} (step 2)" in m for m in logs), logs
     assert resumed.summary["steps"] == 4
     # steps 3 and 4 trained again from step 2: the same adapter as the uninterrupted run
-    assert _max_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
     assert checkpoint_problem(newest) is None  # step 4 was written again, whole
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
@@ -102,7 +97,7 @@ def test_no_whole_checkpoint_starts_from_scratch(straight, tiny_model_dir, arith
     assert len(skipped) == 2 and "step-2/adapter/adapter_model.safetensors" in skipped[1]
     assert any("no whole checkpoint: starting from scratch" in m for m in logs), logs
     assert not any(m.startswith("resumed from") for m in logs)
-    assert _max_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
 
 
 def test_torn_last_metrics_line_is_cut_off_on_resume(straight, tiny_model_dir, arithmetic_data,
@@ -129,7 +124,7 @@ def test_torn_last_metrics_line_is_cut_off_on_resume(straight, tiny_model_dir, a
     assert text.endswith("\n")
     records = [json.loads(line) for line in text.splitlines()]  # every line whole again
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert _max_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
 
 
 def test_jobs_manager_skips_torn_metrics_lines(tmp_path):

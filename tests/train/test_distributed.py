@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import adapter_tensors as _adapter
+from run_helpers import max_abs_diff as _max_diff
+from run_helpers import metrics_records as _records
+from run_helpers import rewind
 
 from lorakit.cli import main
 from lorakit.config import load_config
@@ -44,26 +47,9 @@ def _overrides(model_dir, data, out, batch_size, *extra):
             "train.save_every=2", "train.keep_checkpoints=5", "train.eval_every=2", *extra]
 
 
-def _adapter(folder):
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _rewind(src: Path, dst: Path) -> Path:
     """A copy of run ``src`` as it was at step 2 (later checkpoint and final adapter gone)."""
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "checkpoints" / "step-4")
-    shutil.rmtree(dst / "adapter")
-    (dst / "summary.json").unlink()
-    return dst
+    return rewind(shutil.copytree(src, dst))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from run_helpers import adapter_tensors as _adapter
+from run_helpers import max_abs_diff
+from run_helpers import metrics_records as _records
+from run_helpers import rewind
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -38,14 +42,6 @@ def _cfg(model_dir, data, out, *extra):
                               f"output_dir={out}", "data.max_length=96", "train.batch_size=4",
                               "train.precision=fp32", "train.lr=2e-3", "lora.r=4", "lora.alpha=8",
                               "lora.dropout=0.1", *extra])
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _adapter(folder):
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
 def _batch(cfg, n=4):
@@ -302,15 +298,12 @@ def test_two_plus_two_resumed_steps_equal_four_and_metrics_are_complete(tiny_mod
              "train.save_every=2", "train.keep_checkpoints=5")
     straight = dpo.train(_cfg(tiny_model_dir, pairs_data, tmp_path / "a", *extra), **QUIET)
     # the same run, forgotten after step 2, then resumed from there in a fresh model
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    rewind(shutil.copytree(tmp_path / "a", tmp_path / "b"))
     cfg = _cfg(tiny_model_dir, pairs_data, tmp_path / "b", *extra)
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "b" / "adapter")
     logs = []
     resumed = dpo.train(cfg.model_copy(update={"resume": True}), progress=False, log=logs.append)
     assert any("reusing" in m for m in logs)  # the cached reference log-probs
-    a, b = _adapter(straight.adapter_dir), _adapter(resumed.adapter_dir)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_abs_diff(_adapter(straight.adapter_dir), _adapter(resumed.adapter_dir)) <= 1e-6
     records = _records(resumed.run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",

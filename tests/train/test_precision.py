@@ -2,13 +2,11 @@
 the loss curve tracks fp32 over 20 steps, adapters and optimizer state stay float32, the base is
 bf16, and resume is still exact."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import adapter_tensors, max_abs_diff, metrics_records, rewind
 
 from lorakit.config import load_config
 from lorakit.models.load import native_bf16, native_bf16_support
@@ -29,8 +27,7 @@ def _cfg(tiny_model_dir, data, out, precision, *extra):
 
 
 def _losses(run_dir):
-    records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in metrics_records(run_dir) if "loss" in r]
 
 
 def test_native_bf16_matches_the_cpu_flags():
@@ -59,7 +56,7 @@ def test_bf16_base_trains_like_fp32_with_fp32_adapters(tiny_model_dir, arithmeti
     assert b[-1] < b[0] - 0.1  # it learns
     assert max(abs(x - y) / x for x, y in zip(a, b)) < LOSS_RTOL
     assert bf16.summary["precision"] == "bf16" and bf16.summary["precision_reason"]
-    saved = load_file(str(bf16.adapter_dir / "adapter_model.safetensors"))
+    saved = adapter_tensors(bf16.adapter_dir)
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
 
     # in the model: base bf16, adapters fp32, AdamW state fp32
@@ -84,13 +81,9 @@ def test_bf16_resume_is_exact(tiny_model_dir, arithmetic_data, tmp_path):
                      progress=False, log=lambda m: None)
     cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "b", "bf16", "train.max_steps=4",
                "train.save_every=2", "train.keep_checkpoints=5")
-    train(cfg, progress=False, log=lambda m: None)
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "b" / "adapter")
+    rewind(train(cfg, progress=False, log=lambda m: None).run_dir)
     resumed = train(cfg.model_copy(update={"resume": True}), progress=False, log=lambda m: None)
     assert resumed.summary["steps"] == 4
-    a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_abs_diff(adapter_tensors(straight.adapter_dir),
+                        adapter_tensors(resumed.adapter_dir)) <= 1e-6
     assert _losses(straight.run_dir) == pytest.approx(_losses(tmp_path / "b"), rel=1e-6)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import adapter_tensors, max_abs_diff, rewind
+from run_helpers import metrics_records as _records
 
 from lorakit.cli import main
 from lorakit.config import load_config
@@ -52,10 +53,6 @@ def _cfg(model_dir, data, out, method, *extra, kto=False):
                               "train.precision=fp32", "train.lr=3e-3", "lora.r=4",
                               "lora.alpha=8", "train.warmup=0", "train.scheduler=constant",
                               *extra])
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method, extra", [
@@ -116,14 +113,11 @@ def test_kto_learns_and_resumes_exactly(tiny_model_dir, pref_data, tmp_path):
     summary = json.loads((straight.run_dir / "summary.json").read_text())
     assert summary["method"] == "kto" and summary["train_pairs"] == 24
     # resumed from step 2 in a fresh process state: the same adapter as straight through
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "b" / "adapter")
+    rewind(shutil.copytree(tmp_path / "a", tmp_path / "b"))
     cfg = _cfg(tiny_model_dir, pref_data, tmp_path / "b", "kto", *extra, kto=True)
     resumed = dpo.train(cfg.model_copy(update={"resume": True}), **QUIET)
-    a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_abs_diff(adapter_tensors(straight.adapter_dir),
+                        adapter_tensors(resumed.adapter_dir)) <= 1e-6
     assert [r["loss"] for r in _records(resumed.run_dir)] == pytest.approx(
         [r["loss"] for r in records], abs=1e-6)
 

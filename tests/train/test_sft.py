@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import adapter_tensors, max_abs_diff, metrics_records, rewind
 
 from lorakit.cli import main
 from lorakit.config import load_config
@@ -28,12 +28,7 @@ def _cfg(tiny_model_dir, data, out, *extra):
 
 
 def _adapter(run_dir):
-    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return adapter_tensors(Path(run_dir) / "adapter")
 
 
 def test_supervised_loss_equals_transformers_loss(tiny_model_dir, arithmetic_data, tmp_path):
@@ -62,7 +57,7 @@ def test_recipe_losses_match_stored_values_and_learn(tiny_model_dir, arithmetic_
     cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "run", "train.max_steps=6",
                "train.eval_every=3")
     result = train(cfg, progress=False, log=lambda m: None)
-    records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(result.run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6
     assert losses[:4] == pytest.approx(STORED_LOSSES, rel=1e-4)
@@ -81,16 +76,12 @@ def test_two_plus_two_resumed_steps_equal_four(tiny_model_dir, arithmetic_data, 
                      progress=False, log=lambda m: None)
     cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "b", "train.max_steps=4",
                "train.save_every=2", "train.keep_checkpoints=5")
-    train(cfg, progress=False, log=lambda m: None)
     # forget everything after step 2, then resume from there in a fresh model
-    import shutil
-
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "b" / "adapter")
+    rewind(train(cfg, progress=False, log=lambda m: None).run_dir)
     resumed = train(cfg.model_copy(update={"resume": True}), progress=False, log=lambda m: None)
     assert resumed.summary["steps"] == 4
-    assert _max_diff(_adapter(straight.run_dir), _adapter(resumed.run_dir)) <= 1e-6
-    records = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(resumed.run_dir)) <= 1e-6
+    records = metrics_records(tmp_path / "b")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # none duplicated by resume
 
 
@@ -105,7 +96,7 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tiny_model_dir, arithme
     fresh = train(cfg, progress=False, log=logs.append)
     assert any("no checkpoint yet" in m for m in logs)
     assert fresh.summary["steps"] == 2
-    assert _max_diff(_adapter(straight.run_dir), _adapter(fresh.run_dir)) <= 1e-6
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(fresh.run_dir)) <= 1e-6
 
 
 def _write_config(path, tiny_model_dir, data, out, *extra):
@@ -152,7 +143,7 @@ def test_killed_run_resumes_to_the_same_adapter(sig, tiny_model_dir, arithmetic_
     output = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    assert _max_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
+    assert max_abs_diff(_adapter(straight.run_dir), _adapter(run)) <= 1e-6
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, arithmetic_data, tmp_path,
