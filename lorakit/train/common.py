@@ -188,11 +188,12 @@ def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         return ("bf16" if native else "fp16"), f"auto: {why}"
     if native:
-        # bf16 autocast over a bf16 base measured slower than fp32 on a 2-core AVX512-BF16 CPU
-        # (~220 vs ~380 tokens/s, docs/benchmarks.md); a bf16 base without autocast is not yet
-        # measured on an idle machine, so auto keeps fp32 on CPUs for now
-        return "fp32", (f"auto: {why}, but bf16 autocast measured slower than fp32 on CPUs; "
-                        f"train.precision=bf16 forces it")
+        # bf16 over fp32 on CPUs with native bf16, measured (docs/benchmarks.md, "Precision and
+        # dropout"): 0.6x on one 2-core machine (2026-11-29, bf16 autocast), 1.45x (bf16 base,
+        # dropout 0.05) to 1.97x (autocast) on another (2026-12-02); its effect on the demo's
+        # accuracy is not measured yet, so auto keeps fp32 on CPUs for now
+        return "fp32", (f"auto: {why}, but bf16's speed on CPUs varies (0.6x-1.97x of fp32 "
+                        f"measured) and auto keeps fp32 there; train.precision=bf16 forces it")
     return "fp32", f"auto: {why}"
 
 
