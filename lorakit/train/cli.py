@@ -127,7 +127,6 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     from lorakit.eval.compare import compare, format_table
     from lorakit.eval.fewshot import config_few_shot
     from lorakit.eval.report import write_report
-    from lorakit.lora.io import load_adapter
     from lorakit.train import common
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -139,9 +138,10 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     precision = common.resolve_precision(cfg.train.precision, device)
     # the base the run trained on: 4-bit when cfg.quantized (QLoRA), in the run's precision
     model, tokenizer = common.load_base_for_config(cfg, device, precision)
-    name = result.run_dir.name or "tuned"
-    load_adapter(model, result.adapter_dir, name=name, tokenizer=tokenizer)
-    outcome = compare(model, tokenizer, cfg.data.eval, adapters=[name], metrics=[cfg.eval.metric],
+    # (name, folder): a bare name would be read as a folder when the working directory holds
+    # one of that name (`lorakit train output_dir=myrun` run from where myrun/ is)
+    adapter = (result.run_dir.name or "tuned", result.adapter_dir)
+    outcome = compare(model, tokenizer, cfg.data.eval, adapters=[adapter], metrics=[cfg.eval.metric],
                       max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
                       sql_db=cfg.eval.sql_db, forgetting=cfg.eval.forgetting,
                       probe_limit=cfg.eval.probe_limit, safety=False, log=log,

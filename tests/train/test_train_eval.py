@@ -14,9 +14,12 @@ def _args(tiny_model_dir, data, out, *extra):
 
 
 def test_train_prints_base_vs_tuned_and_writes_the_report(tiny_model_dir, arithmetic_data,
-                                                          tmp_path, capsys):
+                                                          tmp_path, capsys, monkeypatch):
+    # output_dir relative to the working directory, as people type it: the run folder "sums"
+    # then exists there, and must not be taken for the adapter's folder
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "sums"
-    assert main(_args(tiny_model_dir, arithmetic_data, run)) == 0
+    assert main(_args(tiny_model_dir, arithmetic_data, "sums")) == 0
     out = capsys.readouterr().out
     assert "held-out: 12 examples, metric exact" in out
     assert "base" in out and "sums" in out
