@@ -192,8 +192,8 @@ def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
         # dropout"): 0.6x on one 2-core machine (2026-11-29, bf16 autocast), 1.45x (bf16 base,
         # dropout 0.05) to 1.97x (autocast) on another (2026-12-02); its effect on the demo's
         # accuracy is not measured yet, so auto keeps fp32 on CPUs for now
-        return "fp32", (f"auto: {why}, but bf16's speed on CPUs varies (0.6x-1.97x of fp32 "
-                        f"measured) and auto keeps fp32 there; train.precision=bf16 forces it")
+        return "fp32", (f"auto: {why}, but bf16 autocast's speed on CPUs varies (0.6x-1.97x of "
+                        f"fp32 measured) and auto keeps fp32 there; train.precision=bf16 forces it")
     return "fp32", f"auto: {why}"
 
 
