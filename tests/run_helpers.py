@@ -1,5 +1,5 @@
-"""What tests of training runs share: a small learnable data set, readers of a run folder's
-files (strict: a torn line fails the test), and rewinding a finished run to an earlier
+"""What tests of training runs share (their data set: tiny_data.write_digit_data): readers of
+a run folder's files (strict: a torn line fails the test), and rewinding a finished run to an earlier
 checkpoint, as a crash after that checkpoint would leave it."""
 
 from __future__ import annotations
@@ -7,19 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def write_digit_data(folder: Path) -> Path:
-    """``train.jsonl`` (48 records) and ``eval.jsonl`` (12) in ``folder``: spell a digit, as
-    prompt/completion records. Returns ``folder``."""
-    folder = Path(folder)
-    rows = [{"prompt": f"Spell the digit {i % 10} ({n})", "completion": DIGITS[i % 10]}
-            for n, i in enumerate(range(60))]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
-    return folder
 
 
 def metrics_records(run_dir: Path) -> list[dict]:
