@@ -7,6 +7,7 @@ switched off, no second copy) and each adapter, switched on in turn on one loade
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,12 +16,18 @@ from lorakit.errors import AdapterError
 BASE = "base"
 
 
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.startswith((".", "~"))
+
+
 def resolve_adapters(model, tokenizer, adapters: Sequence | None) -> dict[str, str | None]:
     """Load the adapters to compare; returns ``{name: folder or None}`` in order.
 
     Each entry is the name of an adapter already on ``model``, a folder (named after it),
     ``"NAME=DIR"``, or a ``(name, folder)`` pair. With ``adapters=None``: every adapter
-    already on the model.
+    already on the model. A bare name (no path separator, not starting with ``.`` or ``~``)
+    that is an adapter on the model means that adapter, even when the working directory holds
+    a folder of that name; write ``./NAME`` for the folder.
 
     Raises:
         AdapterError: a folder that is not an adapter, a duplicate name, or an adapter made
@@ -36,7 +43,7 @@ def resolve_adapters(model, tokenizer, adapters: Sequence | None) -> dict[str, s
     for entry in adapters:
         if isinstance(entry, (tuple, list)):
             name, folder = str(entry[0]), Path(entry[1])
-        elif isinstance(entry, str) and entry in loaded and not Path(entry).is_dir():
+        elif isinstance(entry, str) and entry in loaded and not _looks_like_path(entry):
             out[entry] = None
             continue
         else:

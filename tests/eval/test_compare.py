@@ -233,3 +233,25 @@ def test_hostile_eval_file_is_a_data_error_naming_the_line(line, message, tmp_pa
     bad.write_text('{"prompt": "a", "reference": "b"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_eval_examples(bad)
+
+
+def test_a_bare_name_means_the_loaded_adapter_not_a_same_named_folder(eval_base_dir, eval_adapters,
+                                                                         tmp_path, monkeypatch):
+    """``resolve_adapters(["rand"])`` on a model holding adapter ``rand`` keeps that adapter
+    even when the working directory has a folder ``rand`` (here: a copy of the ``zero``
+    adapter); ``./rand`` is that folder."""
+    import shutil
+
+    from lorakit.errors import AdapterError
+    from lorakit.eval.adapters import resolve_adapters
+    from lorakit.lora.io import load_adapter
+    from lorakit.models.load import load_model
+
+    model, tok = load_model(str(eval_base_dir), dtype=torch.float32)
+    load_adapter(model, eval_adapters / "rand", name="rand", tokenizer=tok)
+    shutil.copytree(eval_adapters / "zero", tmp_path / "rand")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_adapters(model, tok, ["rand"]) == {"rand": None}
+    with pytest.raises(AdapterError, match="used twice"):
+        resolve_adapters(model, tok, ["rand", "./rand"])
+    assert resolve_adapters(model, tok, ["x=./rand"]) == {"x": "rand"}
