@@ -129,6 +129,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise AdapterError(f"model already has an adapter named {name!r}; delete_adapter() it "
                            f"first or choose another name")
     paths = list(targets) if targets is not None else find_targets(model, config)
+    # a base built on the meta device, its weights read later (FSDP's per-rank sharded load,
+    # lorakit.models.stream.Deferred): the adapter is created for real where they will go
+    deferred = getattr(model, "lorakit_deferred", None)
+    device = deferred.device if deferred is not None else None
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
@@ -138,7 +142,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             replace_module(model, path, module)
         r = (ranks or {}).get(path) or config.rank_for(path)
         module.add_adapter(name, r=r, scaling=config.scaling_for(path, r), dropout=config.lora_dropout,
-                           use_dora=config.use_dora, dtype=dtype)
+                           use_dora=config.use_dora, dtype=dtype, device=device)
     if config.init_lora_weights is not True:  # gaussian, PiSSA, OLoRA, LoftQ: lorakit.lora.init
         from lorakit.lora.init import initialize
 

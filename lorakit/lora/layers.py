@@ -139,15 +139,17 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0,
-                    use_dora: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                    use_dora: bool = False, dtype: torch.dtype = torch.float32,
+                    device: torch.device | None = None) -> None:
         """Create adapter ``name``: A Kaiming-uniform, B zero (the layer's output is unchanged).
 
-        The adapter lives on the base weight's device in ``dtype`` (float32 by default), whatever
-        the base's storage: a 4-bit base stores uint8 codes, which is no dtype for an adapter.
+        The adapter lives on the base weight's device (or ``device``: where a base still on the
+        meta device will be materialised) in ``dtype`` (float32 by default), whatever the base's
+        storage: a 4-bit base stores uint8 codes, which is no dtype for an adapter.
         """
         if not dtype.is_floating_point:
             raise ValueError(f"adapter dtype must be a floating point dtype, got {dtype}")
-        device = self.base_device()
+        device = device if device is not None else self.base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))

@@ -246,7 +246,7 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, device=None,
                quantization: str | None = None, double_quant: bool = True, compute_dtype=None,
-               device_map=None):
+               device_map=None, defer_weights: bool = False):
     """Load a causal LM and its tokenizer from a model spec, in eval mode.
 
     Args:
@@ -262,6 +262,12 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
         device_map: None (everything on ``device``), or "auto" / "balanced" / "sequential" / a
             dict: accelerate places whole decoder blocks across the visible GPUs (then CPU) in
             one process, as transformers' ``device_map`` does; ``device`` is then ignored.
+        defer_weights: build the model with its parameters on the meta device and read no
+            weight yet (every shard header still checked); ``model.lorakit_deferred`` then says
+            where the values are (``lorakit.models.stream.Deferred``), for a caller that
+            materialises only part of them (FSDP's per-rank shards). Ignored (an ordinary load,
+            no ``lorakit_deferred``) for 4-bit, ``device_map`` and checkpoints that do not
+            stream.
 
     A safetensors checkpoint (a folder, the GGUF cache, a hub id already in the local cache)
     is streamed: built in ``dtype`` (or 4-bit) one tensor at a time, peak memory about the
@@ -293,7 +299,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
                  "compute_dtype": resolve_compute_dtype(compute_dtype, device)}
     model = None
     if device_map is None:
-        model = _load_streaming(resolved, source, torch_dtype, device, quant)
+        model = _load_streaming(resolved, source, torch_dtype, device, quant,
+                                defer=defer_weights and quant is None)
     if model is None:  # device_map placement, .bin weights, names needing conversion
         placed = {"device_map": device_map} if device_map is not None else {}
         model = from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype,
@@ -309,6 +316,23 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     model.eval()
     model.lorakit_spec = resolved.spec
     return model, tokenizer
+
+
+def import_model_code(spec: str | os.PathLike) -> None:
+    """Import the transformers modeling module of ``spec``'s architecture, reading only its
+    config (no weight): what building the model imports (~70 MB of resident Python code for
+    a Llama), so that a caller measuring a load's memory counts the weights, not the code.
+    Does nothing when the config cannot be read here (the load itself will say why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        resolved = resolve_spec(spec)
+        if resolved.kind == "hub":
+            return
+        config = AutoConfig.from_pretrained(_hf_source(resolved, weights=False))
+        AutoModelForCausalLM._model_mapping[type(config)]  # the lazy mapping imports the module
+    except Exception:  # noqa: BLE001 - best effort; load_model reports real problems
+        return
 
 
 def local_checkpoint(resolved: ResolvedSpec, source: str | None = None):
@@ -337,7 +361,8 @@ def local_checkpoint(resolved: ResolvedSpec, source: str | None = None):
     return None if layout is None else (folder, layout)
 
 
-def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: dict | None):
+def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: dict | None,
+                    defer: bool = False):
     """The model built tensor by tensor from its safetensors shards (``lorakit.models.stream``),
     or None when this checkpoint is one for ``from_pretrained``. Checks every shard first."""
     import torch
@@ -355,7 +380,8 @@ def _load_streaming(resolved: ResolvedSpec, source: str, dtype, device, quant: d
         if isinstance(named, str):
             named = getattr(torch, named.removeprefix("torch."), None)
         dtype = named if isinstance(named, torch.dtype) else layout.float_dtype() or torch.float32
-    model = stream.load_streaming(layout, config, dtype=dtype, device=device, quantization=quant)
+    model = stream.load_streaming(layout, config, dtype=dtype, device=device, quantization=quant,
+                                  defer=defer)
     if model is None:
         return None
     if (folder / "generation_config.json").is_file():

@@ -332,9 +332,56 @@ def _put(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
             module._buffers[attr] = tensor
 
 
+@dataclass
+class Deferred:
+    """A model built with ``load_streaming(..., defer=True)``: its parameters are still on the
+    meta device and this says where their values are; :func:`read_deferred` reads them.
+
+    Each tensor's home is kept as (module, attribute) pairs, not names, so it is found again
+    after the model is rewrapped (LoRA layers wrap the linears, FSDP shards the blocks)."""
+
+    layout: Layout
+    device: torch.device  # where the weights (and adapters created meanwhile) go
+    dtype: torch.dtype
+    # checkpoint name -> (model name, dtype to read it in (None: as stored), [(module, attr)])
+    slots: dict[str, tuple[str, torch.dtype | None, list[tuple[nn.Module, str]]]]
+
+
+def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device, dtype) -> Deferred:
+    expected = dict(model.state_dict(keep_vars=True))
+    aliases = tied_names(model)
+    slots, done = {}, set()
+    for name, target in mapping.items():
+        if target in done:
+            continue  # a tied copy stored twice
+        names = aliases.get(target, [target])
+        done.update(names)
+        homes = []
+        for n in names:
+            path, _, attr = n.rpartition(".")
+            homes.append((model.get_submodule(path), attr))
+        want = expected[target].dtype if expected[target].is_floating_point() else None
+        slots[name] = (target, want, homes)
+    return Deferred(layout, torch.device(device), dtype, slots)
+
+
+def read_deferred(deferred: Deferred):
+    """``(model name, tensor, [(module, attr)])`` for every tensor of a deferred model's
+    checkpoint, one at a time, in checkpoint order, in the dtype the model holds it in (on the
+    CPU); tied names share one entry. The caller keeps what it needs (e.g. its FSDP shard)
+    and drops the rest.
+
+    Raises:
+        ModelLoadError: a tensor cannot be read (file and tensor named).
+    """
+    for name, (target, want, homes) in deferred.slots.items():
+        yield target, read_tensor(deferred.layout.tensors[name], name, want), homes
+
+
 @torch.no_grad()
 def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.device,
-                   quantization: dict | None = None, mapping: dict[str, str] | None = None):
+                   quantization: dict | None = None, mapping: dict[str, str] | None = None,
+                   defer: bool = False):
     """Build the model of ``config`` from the checkpoint ``layout`` tensor by tensor.
 
     Args:
@@ -346,6 +393,9 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
             "compute_dtype" (a torch.dtype), "skip_modules"}``: the decoder-block linear layers
             become bitsandbytes 4-bit layers as their weights are read.
         mapping: from :func:`match_names` (computed when None).
+        defer: check the checkpoint against the model but read no weight: the parameters stay
+            on the meta device and ``model.lorakit_deferred`` (a :class:`Deferred`) says where
+            their values are (dense only; for FSDP, whose ranks each read their own shard).
 
     Returns:
         The model (train mode as transformers builds it; ``lorakit_quantization`` set), or
@@ -372,6 +422,12 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
             raise ModelLoadError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                  f"{type(model).__name__} expects {list(expected[target].shape)} "
                                  "(config.json and weights do not belong together)")
+    if defer:
+        if quantization is not None:
+            raise ValueError("defer=True loads dense weights only")
+        model.lorakit_deferred = _deferred(model, layout, mapping, device, dtype)
+        model.lorakit_quantization = None
+        return model
     quantized: dict[str, tuple[str, bool]] = {}  # weight name -> (layer path, was Conv1D)
     if quantization is not None:
         layers = qz.plan_quantization(model, quantization["type"], quantization["block_size"],

@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.memory import reset_peak_rss, rss_bytes
 
 
 @dataclass
@@ -49,25 +50,6 @@ class MeasureSpec:
     precision: str = "auto"
     seed: int = 0
     max_rss_gib: float | None = None
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    """This process's ``field`` of /proc/self/status in bytes (``VmRSS`` now, ``VmHWM`` peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident size (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _guard_rss(limit_bytes: int) -> None:

@@ -61,12 +61,14 @@ def estimate_run(cfg, device, precision: str, **changes):
     return estimate(cfg.model, **{**settings, **changes})
 
 
-def process_need(est, *, processes: int = 1, strategy: str = "ddp", cpu: bool = False) -> float:
+def process_need(est, *, processes: int = 1, strategy: str = "ddp", cpu: bool = False,
+                 sharded_load: bool = False) -> float:
     """Bytes a run needs on the device it is compared with: per GPU, or the whole machine on
     CPU (every process there shares it). FSDP splits weights, adapter, gradients and optimizer
-    state over the processes; each still holds its own activations, and each still loads the
-    whole base first (lorakit does not load shards per rank yet), so a process needs at least
-    ``est.load_bytes``."""
+    state over the processes; each still holds its own activations. Loading: with
+    ``sharded_load`` (``lorakit.train.distributed.sharded_load_blocker`` is None) each process
+    reads only its shard, so it needs at least ``est.load_bytes / N``; otherwise it loads the
+    whole base first and needs at least ``est.load_bytes``."""
     m = est.memory_bytes
     state = m["weights"] + m["adapter"] + m["gradients"] + m["optimizer"]
     n = max(processes, 1)
@@ -74,8 +76,19 @@ def process_need(est, *, processes: int = 1, strategy: str = "ddp", cpu: bool = 
         per_process = state / n + m["activations"] + m["overhead"]
     else:
         per_process = m["total"]
-    per_process = max(per_process, est.load_bytes or 0.0)
+    load = est.load_bytes or 0.0
+    if sharded_load and strategy == "fsdp" and n > 1:
+        load /= n
+    per_process = max(per_process, load)
     return per_process * n if cpu else per_process
+
+
+def _sharded_load(cfg, processes: int, strategy: str) -> bool:
+    """Whether the ranks of this run will each read only their FSDP shard of the base."""
+    from lorakit.train import distributed
+
+    d = distributed.Dist(world_size=max(processes, 1), strategy=strategy)
+    return distributed.sharded_load_blocker(cfg, d) is None
 
 
 def _options(cfg, device, precision, processes, strategy, available) -> list[tuple[str, float]]:
@@ -124,8 +137,9 @@ def _options(cfg, device, precision, processes, strategy, available) -> list[tup
             m = est.memory_bytes
             need = m["total"] - m["weights"] + min(m["weights"], 0.5 * available)
         else:
-            need = process_need(est, processes=run.get("processes", processes),
-                                strategy=run.get("strategy", strategy), cpu=cpu)
+            n, how = run.get("processes", processes), run.get("strategy", strategy)
+            need = process_need(est, processes=n, strategy=how, cpu=cpu,
+                                sharded_load=_sharded_load(cfg, n, how))
         out.append((text, need))
     return out
 
@@ -156,7 +170,8 @@ def preflight(cfg, *, strict: bool = False, log=print, processes: int = 1) -> di
         return None
     if available is None:
         return None
-    need = process_need(est, processes=processes, strategy=strategy, cpu=cpu)
+    need = process_need(est, processes=processes, strategy=strategy, cpu=cpu,
+                        sharded_load=_sharded_load(cfg, processes, strategy))
     fits = need <= available
     report = {"estimate_bytes": need, "available_bytes": available, "fits": fits,
               "too_big": None, "options": []}

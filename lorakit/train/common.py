@@ -70,7 +70,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- the base model
-def load_base_for_config(cfg, device: torch.device | None = None, precision: str = "fp32"):
+def load_base_for_config(cfg, device: torch.device | None = None, precision: str = "fp32",
+                         defer_weights: bool = False):
     """The base model and tokenizer a run trains on (or is scored on after training): the one
     place that turns a run config into a :func:`lorakit.models.load.load_model` call.
 
@@ -80,6 +81,8 @@ def load_base_for_config(cfg, device: torch.device | None = None, precision: str
         device: where the weights go (None: CUDA when available, else CPU); ignored when
             ``model.device_map`` places them.
         precision: the resolved ``train.precision`` (see :func:`resolve_precision`).
+        defer_weights: parameters left on the meta device for FSDP's sharded load
+            (``lorakit.train.distributed.materialize_sharded``); see ``load_model``.
 
     Returns:
         ``(model, tokenizer)``: the base in bf16 / fp16 for those precisions and float32
@@ -101,7 +104,8 @@ def load_base_for_config(cfg, device: torch.device | None = None, precision: str
         q = cfg.quantization
         kwargs = dict(quantization=q.type, double_quant=q.double_quant,
                       compute_dtype=q.compute_dtype)
-    return load_model(cfg.model, dtype=dtype, device=device, device_map=cfg.device_map, **kwargs)
+    return load_model(cfg.model, dtype=dtype, device=device, device_map=cfg.device_map,
+                      defer_weights=defer_weights, **kwargs)
 
 
 def ready_to_train(model: nn.Module, cfg) -> None:
@@ -713,6 +717,42 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def import_heavy_modules(spec, fsdp: bool = False) -> None:
+    """Import what loading ``spec`` imports (its transformers modeling code, the tokenizer
+    classes; FSDP's modules), so that a load's measured peak is the weights', not ~150 MB of
+    Python modules."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+    from lorakit.models.load import import_model_code
+
+    import_model_code(spec)
+    if fsdp:
+        import torch.distributed.fsdp  # noqa: F401
+        import torch.distributed.tensor  # noqa: F401
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start counting :func:`peak_since_reset` from now (CUDA's peak stats, or Linux's VmHWM);
+    returns the memory in use now (allocated on CUDA, resident on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    from lorakit.memory import reset_peak_rss, rss_bytes
+
+    reset_peak_rss()
+    return rss_bytes()
+
+
+def peak_since_reset(device: torch.device) -> int:
+    """Peak device memory (CUDA) or peak resident size (CPU, VmHWM) since
+    :func:`reset_peak_memory`."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    from lorakit.memory import rss_bytes
+
+    return rss_bytes("VmHWM")
 
 
 def out_of_memory_error(exc: BaseException, cfg) -> TrainingError:

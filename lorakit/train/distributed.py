@@ -174,7 +174,12 @@ class Dist:
         if not self.enabled:
             return loss_module
         if self.strategy == "fsdp":
-            return _shard_fsdp(loss_module, self)
+            _shard_fsdp(loss_module, self)
+            deferred = getattr(model, "lorakit_deferred", None)
+            if deferred is not None:
+                materialize_sharded(loss_module, deferred)
+                del model.lorakit_deferred
+            return loss_module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         frozen = [name for name, p in loss_module.named_parameters() if not p.requires_grad]
@@ -279,6 +284,92 @@ def _shard_fsdp(loss_module: LossModule, d: Dist) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
     return loss_module
+
+
+def sharded_load_blocker(cfg, d: Dist) -> str | None:
+    """Why this run's ranks each load the whole base instead of only their FSDP shard, or
+    None when they load their shard only (:func:`materialize_sharded`).
+
+    The sharded load builds the model on the meta device, adds the adapter, shards, and only
+    then reads weights; everything that needs the base's values before sharding rules it out.
+    """
+    if not d.enabled or d.strategy != "fsdp":
+        return "not an FSDP run"
+    if cfg.quantized:
+        return ("a 4-bit base is quantized as it is read, on every rank (its packed weights "
+                "are then sharded)")
+    lora = cfg.lora.to_lora_config()
+    if lora.init_lora_weights not in (True, False, "gaussian"):
+        return f"lora.init={lora.init_lora_weights} computes the adapter from the base weights"
+    if lora.use_dora:
+        return "DoRA's magnitude vector starts as the base weights' row norms"
+    if lora.modules_to_save:
+        return "lora.modules_to_save copies base modules before sharding"
+    if lora.bias != "none":
+        return f"lora.bias={lora.bias} trains base biases"
+    if cfg.data.replay.fraction and cfg.data.replay.file is None:
+        return "data.replay with self-generated data needs the whole base to generate it"
+    return None
+
+
+@torch.no_grad()
+def materialize_sharded(module: nn.Module, deferred) -> None:
+    """Give an FSDP-sharded model whose base is still on the meta device its weights: each
+    rank allocates its own shard of every parameter and reads the checkpoint one tensor at a
+    time, keeping only its rows (``distribute_tensor`` with ``src_data_rank=None``: every rank
+    cuts its piece from the tensor it read, no communication). Peak memory on a rank: its
+    share of the base, the adapter, and one checkpoint tensor in flight.
+
+    What was already real (the adapter's shards, buffers such as RoPE's inv_freq) is kept:
+    ``to_empty`` reallocates every tensor, so those are copied back.
+
+    Raises:
+        ModelLoadError: a tensor cannot be read, or the checkpoint left a parameter unset.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from lorakit.errors import ModelLoadError
+    from lorakit.models import stream
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    keep = {name: local(t).detach().clone() for name, t in tensors.items() if not t.is_meta}
+    module.to_empty(device=deferred.device)
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    for name, value in keep.items():
+        local(tensors[name]).copy_(value)
+    del keep
+    filled: set[int] = set()
+    for name, full, homes in stream.read_deferred(deferred):
+        owner, attr = homes[0]
+        target = owner._parameters.get(attr)
+        if target is None:
+            target = owner._buffers[attr]
+        if isinstance(target, DTensor):
+            piece = distribute_tensor(full, target.device_mesh, target.placements,
+                                      src_data_rank=None).to_local()
+        else:
+            piece = full
+        dest = local(target)
+        if dest.shape != piece.shape:
+            raise ModelLoadError(f"{deferred.layout.folder}: FSDP shard of {name!r} is "
+                                 f"{list(dest.shape)}, the checkpoint's piece {list(piece.shape)}")
+        dest.copy_(piece)
+        filled.update(id(m._parameters.get(a, m._buffers.get(a))) for m, a in homes)
+        del full, piece
+    stream.release_freed_memory()
+    unset = [n for n, p in module.named_parameters() if id(p) not in filled and not _is_adapter(n)]
+    if unset:
+        raise ModelLoadError(f"{deferred.layout.folder}: the checkpoint holds no tensor for "
+                             f"{unset[0]!r} ({len(unset)} missing); re-download it")
+
+
+def _is_adapter(name: str) -> bool:
+    return any(part in name for part in (".lora_A.", ".lora_B.", ".lora_magnitude_vector."))
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

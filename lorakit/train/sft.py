@@ -28,11 +28,16 @@ from lorakit.train.common import LoopState, TrainingError, TrainResult
 
 
 # ---------------------------------------------------------------------- 1. setup
-def setup_model(cfg: RunConfig, device: torch.device, precision: str):
-    """Load the base (4-bit for QLoRA), add the adapter (or unfreeze everything for full)."""
+def setup_model(cfg: RunConfig, device: torch.device, precision: str, *,
+                defer_weights: bool = False):
+    """Load the base (4-bit for QLoRA), add the adapter (or unfreeze everything for full).
+
+    ``defer_weights``: the base stays on the meta device, its weights read after FSDP shards
+    it, each rank its own shard (``distributed.sharded_load_blocker`` says when that works)."""
     from lorakit.lora.inject import add_adapter, trainable_parameters
 
-    model, tokenizer = common.load_base_for_config(cfg, device, precision)
+    model, tokenizer = common.load_base_for_config(cfg, device, precision,
+                                                   defer_weights=defer_weights)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -144,7 +149,14 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     torch.manual_seed(cfg.train.seed)
 
     # 1-2. model and data, before anything is written: bad input leaves no half-written run
-    model, tokenizer, counts = setup_model(cfg, device, precision)
+    blocker = distributed.sharded_load_blocker(cfg, dist)
+    common.import_heavy_modules(cfg.model, dist.enabled and dist.strategy == "fsdp")
+    before_load = common.reset_peak_memory(device)  # the load's peak: read once the model is ready
+    model, tokenizer, counts = setup_model(cfg, device, precision, defer_weights=blocker is None)
+    sharded = getattr(model, "lorakit_deferred", None) is not None
+    if dist.enabled and dist.strategy == "fsdp":
+        log("FSDP load: " + ("each process reads only its shard of the base" if sharded else
+                             f"every process loads the whole base ({blocker or 'this checkpoint does not stream: .bin weights or names that need transformers conversions'})"))
     if cfg.device_map is not None:  # layers spread over devices: batches go where the input is
         device = model.get_input_embeddings().weight.device
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer, log, model)
@@ -172,6 +184,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
         else:
             load_adapter_weights(model, resume_from / "adapter")
     loss_module = dist.wrap(model)  # DDP / FSDP when several processes; the loss otherwise
+    load_peak = common.peak_since_reset(device) - before_load  # what loading (and sharding) added
     optimizer, scheduler = common.optimizer_and_scheduler(model, cfg, total_steps)
     loop = LoopState()
     if resume_from is not None:
@@ -274,6 +287,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     adapter_state = dist.gather_adapter(model) if dist.enabled and cfg.method != "full" else None
     summary = _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, device,
                        stopped_early, data_stats, dist)
+    summary.update(_memory_summary(dist, device, load_peak, sharded))
     if dist.is_main:
         _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary)
         steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as artifact
@@ -314,6 +328,23 @@ def _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, 
         "world_size": dist.world_size, "strategy": cfg.train.strategy if dist.enabled else None,
         **data_stats,
     }
+
+
+def _memory_summary(dist, device, load_peak: int, sharded: bool) -> dict:
+    """The load's peak above the memory in use before it (the model built, the adapter added,
+    sharded) and, with several processes, every rank's load and run peaks (a collective:
+    every rank calls it)."""
+    out = {"load_peak_memory_bytes": load_peak}
+    if dist.enabled:
+        run_peak = common.peak_memory_bytes(device)
+        mine = [0.0] * (2 * dist.world_size)
+        mine[dist.rank], mine[dist.world_size + dist.rank] = float(load_peak), float(run_peak)
+        both = [int(v) for v in dist.all_sum(mine)]
+        out["per_rank"] = {"load_peak_memory_bytes": both[:dist.world_size],
+                           "peak_memory_bytes": both[dist.world_size:]}
+        if dist.strategy == "fsdp":
+            out["fsdp_sharded_load"] = sharded
+    return out
 
 
 # ---------------------------------------------------------------------- helpers

@@ -103,7 +103,7 @@ def test_lean_merge_matches_peft_merge_and_unload(tmp_path):
 _MEASURE = textwrap.dedent("""
     import json, sys, torch
     from lorakit.export.merge import LeanMerge
-    from lorakit.plan.measure import reset_peak_rss, rss_bytes
+    from lorakit.memory import reset_peak_rss, rss_bytes
     adapter, out, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
     lean = LeanMerge(adapter, dtype=dtype)
     if lean.qlora:  # bitsandbytes' native library and thread pools: loaded once, not the merge

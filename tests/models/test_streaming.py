@@ -18,7 +18,7 @@ from checkpoints import llama_config, save_word_tokenizer, write_llama_checkpoin
 from lorakit.errors import LorakitError, ModelLoadError
 from lorakit.models import stream
 from lorakit.models.load import load_model
-from lorakit.plan.measure import reset_peak_rss
+from lorakit.memory import reset_peak_rss
 from tiny_models import FAMILIES, _config, sample_input_ids
 
 MIB = 2**20
@@ -31,7 +31,7 @@ import gc, json, sys
 from lorakit.models.load import load_model
 from lorakit.models.quantize import quantized_weight_bytes
 from lorakit.models.stream import release_freed_memory
-from lorakit.plan.measure import reset_peak_rss, rss_bytes as rss
+from lorakit.memory import reset_peak_rss, rss_bytes as rss
 
 warm, path = sys.argv[1:3]
 results = {}

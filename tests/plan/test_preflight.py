@@ -60,13 +60,31 @@ def test_weights_too_big_suggests_qlora(model_dir, monkeypatch):
 
 
 def test_processes_on_one_cpu_share_its_memory(model_dir, monkeypatch):
-    cfg = _cfg(model_dir, "data.max_length=64", "train.strategy=fsdp")
+    cfg = _cfg(model_dir, "data.max_length=64", "train.strategy=fsdp", "lora.dora=true")
     one = P.estimate_run(cfg, torch.device("cpu"), "fp32")
     _free(monkeypatch, 1.5 * one.memory_bytes["total"])
     assert P.preflight(cfg, processes=1, log=lambda m: None)["fits"]
     report = P.preflight(cfg, processes=4, log=lambda m: None)
-    # each rank still loads the whole base before FSDP shards it: 4 x at least the load peak
+    # DoRA: each rank loads the whole base before FSDP shards it: 4 x at least the load peak
     assert report["estimate_bytes"] >= 4 * one.load_bytes and not report["fits"]
+
+
+def test_fsdp_sharded_load_needs_a_share_of_the_load_peak_per_process(model_dir, monkeypatch):
+    """A dense LoRA base under FSDP is read shard by shard on each rank
+    (lorakit.train.distributed.materialize_sharded): the load term is load_bytes / N."""
+    cfg = _cfg(model_dir, "data.max_length=64", "train.strategy=fsdp")
+    est = P.estimate_run(cfg, torch.device("cpu"), "fp32")
+    assert P._sharded_load(cfg, 4, "fsdp") and not P._sharded_load(cfg, 4, "ddp")
+    m = est.memory_bytes
+    state = m["weights"] + m["adapter"] + m["gradients"] + m["optimizer"]
+    sharded = P.process_need(est, processes=4, strategy="fsdp", sharded_load=True)
+    whole = P.process_need(est, processes=4, strategy="fsdp", sharded_load=False)
+    assert sharded == pytest.approx(max(state / 4 + m["activations"] + m["overhead"],
+                                        est.load_bytes / 4))
+    assert whole == pytest.approx(max(state / 4 + m["activations"] + m["overhead"], est.load_bytes))
+    _free(monkeypatch, 1e15)
+    report = P.preflight(cfg, processes=4, log=lambda m: None)
+    assert report["estimate_bytes"] == pytest.approx(4 * sharded)  # 4 processes share one CPU
 
 
 def test_strict_memory_refuses_before_loading_the_model(model_dir, tmp_path, monkeypatch,

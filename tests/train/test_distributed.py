@@ -32,6 +32,10 @@ from lorakit.train import distributed
 from lorakit.train.sft import train
 
 TOL = 1e-5
+# the sharded-load memory check: a random Llama of ~40M parameters (160 MB in float32), big
+# enough that half of it stands out from allocator noise
+MID = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+           num_key_value_heads=4, vocab_size=4096)
 WORKER = Path(__file__).with_name("_dist_worker.py")
 # QLoRA: NF4 base (bitsandbytes, CPU), 2 steps without eval or checkpoints (cheap)
 QLORA = ("method=qlora", "train.max_steps=2", "train.save_every=null", "train.eval_every=null")
@@ -85,6 +89,46 @@ def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
     return root, single, proc.stdout, qlora
 
 
+@pytest.fixture(scope="module")
+def mid_runs(tmp_path_factory):
+    """The ~40M-parameter checkpoint trained one step by one process and by two FSDP ranks,
+    each in fresh processes run as users run them (`lorakit train`): a resident-size peak is
+    only the load's in a process that has not freed memory before it (glibc reuses freed
+    pages without growing the resident size), and whose model code is already imported
+    (`lorakit train`'s pre-flight builds the model on the meta device first)."""
+    root = tmp_path_factory.mktemp("dist-mid")
+    mid = _mid_checkpoint(root / "mid-ckpt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    single = subprocess.run([sys.executable, "-m", "lorakit", "train",
+                             *_mid_overrides(mid, root / "single"), "train.batch_size=2"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    # as a user runs it (`lorakit train --nproc 2` runs this torchrun command)
+    proc = subprocess.run(distributed.torchrun_command(
+        2, ["train", *_mid_overrides(mid, root / "fsdp", "train.strategy=fsdp")]),
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, mid
+
+
+def _mid_checkpoint(path: Path) -> dict:
+    from checkpoints import llama_config, write_llama_checkpoint
+
+    info = write_llama_checkpoint(path, llama_config(**MID), shard_bytes=16 * 2**20)
+    rows = [{"prompt": " ".join(f"w{3 + (i * 7 + j) % 4000}" for j in range(12)),
+             "completion": " ".join(f"w{3 + (i * 11 + j) % 4000}" for j in range(6))}
+            for i in range(8)]
+    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return info
+
+
+def _mid_overrides(info: dict, out: Path, *extra) -> list[str]:
+    return [f"model={info['path']}", f"data.train={info['path'] / 'train.jsonl'}",
+            f"output_dir={out}", "data.max_length=64", "train.batch_size=1", "train.grad_accum=1",
+            "train.precision=fp32", "lora.r=4", "lora.dropout=0", "train.max_steps=1",
+            "train.save_every=null", "train.eval_every=null", "eval.after_train=false", *extra]
+
+
 def test_ddp_two_processes_equal_one_process_with_double_batch(runs):
     root, single, *_ = runs
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "ddp" / "adapter")) <= TOL
@@ -104,20 +148,46 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(runs):
 
 def test_fsdp_two_processes_equal_one_process(runs):
     root, single, *_ = runs
+    assert json.loads((root / "fsdp" / "summary.json").read_text())["fsdp_sharded_load"] is True
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / "fsdp" / "adapter")) <= TOL
     assert [r["loss"] for r in _records(root / "fsdp") if "loss" in r] == pytest.approx(
         [r["loss"] for r in _records(single.run_dir) if "loss" in r], rel=1e-5)
 
 
+def test_fsdp_ranks_read_only_their_shard_of_the_base(mid_runs):
+    """Each FSDP rank's load (model built, adapter added, sharded) adds about half the
+    float32 base plus one tensor in flight; one process holding the whole base adds all of
+    it. Measured as VmHWM above the resident size before the load (lorakit's summary)."""
+    root, mid = mid_runs
+    summary = json.loads((root / "fsdp" / "summary.json").read_text())
+    single = json.loads((root / "single" / "summary.json").read_text())
+    assert summary["fsdp_sharded_load"] is True
+    fp32_base = mid["parameters"] * 4
+    largest = max(s for s in (512 * 4096, 2048 * 512)) * 4  # the head / an MLP matrix
+    per_rank = summary["per_rank"]["load_peak_memory_bytes"]
+    assert len(per_rank) == 2
+    single_load = single["load_peak_memory_bytes"]
+    assert single_load >= fp32_base, (single_load, fp32_base)
+    for load in per_rank:
+        assert load <= fp32_base / 2 + 3 * largest + 24 * 2**20, (per_rank, fp32_base)
+        assert load <= 0.75 * single_load, (per_rank, single_load)
+    # the sharded run trains what one process trains on the same global batch from the same
+    # weights
+    assert _max_diff(_adapter(root / "single" / "adapter"), _adapter(root / "fsdp" / "adapter")) <= TOL
+
+
 def test_qlora_fsdp_shards_the_4bit_base_and_equals_one_process(runs):
     root, _, _, qlora = runs
+    # a 4-bit base is quantized as it is read, whole, on each rank (then sharded)
+    assert json.loads((root / "qlora_fsdp" / "summary.json").read_text())[
+        "fsdp_sharded_load"] is False
     assert json.loads((root / "qlora_fsdp" / "adapter" / "lorakit.json").read_text())[
         "quantization"]["type"] == "nf4"
     assert _max_diff(_adapter(qlora.adapter_dir), _adapter(root / "qlora_fsdp" / "adapter")) <= TOL
 
 
 def test_a_stop_or_nan_on_one_rank_stops_both_at_the_same_step(runs):
-    root, _, stdout, _ = runs
+    root, _, stdout, *_ = runs
     assert "[interrupted rank0] stop" in stdout and "[interrupted rank1] stop" in stdout
     assert [p.name for p in (root / "stop" / "checkpoints").iterdir()] == ["step-2"]
     assert not (root / "stop" / "adapter").exists()
@@ -128,7 +198,7 @@ def test_a_stop_or_nan_on_one_rank_stops_both_at_the_same_step(runs):
 
 
 def test_only_rank_zero_writes_and_logs(runs):
-    root, _, stdout, _ = runs
+    root, _, stdout, *_ = runs
     run = root / "ddp"
     steps = [r["step"] for r in _records(run) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # one writer: no line twice
@@ -156,7 +226,7 @@ def test_checkpoint_holds_every_shard(runs, strategy):
 
 @pytest.mark.parametrize("name", ["single_to_ddp", "single_to_fsdp"])
 def test_one_process_checkpoint_resumes_with_two(runs, name):
-    root, single, stdout, _ = runs
+    root, single, stdout, *_ = runs
     assert "resumed from" in stdout
     assert _max_diff(_adapter(single.adapter_dir), _adapter(root / name / "adapter")) <= TOL
     assert [r["step"] for r in _records(root / name) if "loss" in r] == [1, 2, 3, 4]
