@@ -282,8 +282,23 @@ def _shard_fsdp(loss_module: LossModule, d: Dist) -> nn.Module:
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     for block in fsdp_units(loss_module.model):
         fully_shard(block, mesh=mesh)
+    for module in _own_unit_embeddings(loss_module.model):
+        fully_shard(module, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
     return loss_module
+
+
+def _own_unit_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output head, when each can be its own FSDP unit: untied
+    (a tied pair is one parameter and stays with the root) and plain ``nn.Embedding`` /
+    ``nn.Linear`` modules. In the root they would stay gathered for the whole loss (measured
+    on TinyLlama-1.1B shapes, 2 ranks: their 0.5 GiB in float32 gathered from the first
+    forward to the end of backward); as units, each is gathered only around its own forward
+    and backward."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not nn.Embedding or type(head) is not nn.Linear or head.weight is emb.weight:
+        return []
+    return [emb, head]
 
 
 def sharded_load_blocker(cfg, d: Dist) -> str | None:
