@@ -287,12 +287,15 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _read(info: TensorInfo, name: str) -> torch.Tensor:
-    """The tensor ``name`` as a view of a short-lived mapping of its shard."""
+def _read(info: TensorInfo, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor ``name`` (or its rows ``start:stop`` along dim 0) as a view of a short-lived
+    mapping of its shard."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(info.file), framework="pt", device="cpu") as f:
+            if rows is not None:
+                return f.get_slice(name)[rows[0]:rows[1]]
             return f.get_tensor(name)
     except Exception as exc:  # safetensors raises its own error type; a read may also fail
         raise ModelLoadError(f"{info.file}: cannot read tensor {name!r} ({type(exc).__name__}: "
@@ -300,15 +303,17 @@ def _read(info: TensorInfo, name: str) -> torch.Tensor:
 
 
 def read_tensor(info: TensorInfo, name: str, dtype: torch.dtype | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+                device: torch.device | str = "cpu", rows: tuple[int, int] | None = None
+                ) -> torch.Tensor:
     """The checkpoint tensor ``name`` (at ``info``) in memory of its own on ``device``, never a
     view of the file mapping; a floating-point tensor cast to ``dtype`` when given (other
-    tensors, and all when ``dtype`` is None, keep the checkpoint's dtype).
+    tensors, and all when ``dtype`` is None, keep the checkpoint's dtype). ``rows``: only rows
+    ``start:stop`` along dim 0 are read (an FSDP rank's shard).
 
     Raises:
         ModelLoadError: the shard cannot be read (file and tensor named).
     """
-    view = _read(info, name)
+    view = _read(info, name, rows)
     tensor = view.to(device=device,
                      dtype=dtype if dtype is not None and view.is_floating_point() else view.dtype)
     if tensor.data_ptr() == view.data_ptr():
@@ -365,17 +370,21 @@ def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device,
     return Deferred(layout, torch.device(device), dtype, slots)
 
 
-def read_deferred(deferred: Deferred):
+def read_deferred(deferred: Deferred, rows=None):
     """``(model name, tensor, [(module, attr)])`` for every tensor of a deferred model's
     checkpoint, one at a time, in checkpoint order, in the dtype the model holds it in (on the
-    CPU); tied names share one entry. The caller keeps what it needs (e.g. its FSDP shard)
-    and drops the rest.
+    CPU); tied names share one entry. The caller keeps what it needs and drops the rest.
+
+    ``rows``: ``rows(homes, shape) -> (start, stop) | None``: read only those rows along dim 0
+    (an FSDP rank's shard), or the whole tensor for None.
 
     Raises:
         ModelLoadError: a tensor cannot be read (file and tensor named).
     """
     for name, (target, want, homes) in deferred.slots.items():
-        yield target, read_tensor(deferred.layout.tensors[name], name, want), homes
+        info = deferred.layout.tensors[name]
+        span = rows(homes, info.shape) if rows is not None else None
+        yield target, read_tensor(info, name, want, rows=span), homes
 
 
 @torch.no_grad()

@@ -331,9 +331,10 @@ def sharded_load_blocker(cfg, d: Dist) -> str | None:
 def materialize_sharded(module: nn.Module, deferred) -> None:
     """Give an FSDP-sharded model whose base is still on the meta device its weights: each
     rank allocates its own shard of every parameter and reads the checkpoint one tensor at a
-    time, keeping only its rows (``distribute_tensor`` with ``src_data_rank=None``: every rank
-    cuts its piece from the tensor it read, no communication). Peak memory on a rank: its
-    share of the base, the adapter, and one checkpoint tensor in flight.
+    time, reading only its own rows (safetensors slices along dim 0, cut as FSDP2 cuts; any
+    other placement is read whole and cut by ``distribute_tensor(..., src_data_rank=None)``):
+    no communication. Peak memory on a rank: its share of the base, the adapter, and its share
+    of one checkpoint tensor in flight.
 
     What was already real (the adapter's shards, buffers such as RoPE's inv_freq) is kept:
     ``to_empty`` reallocates every tensor, so those are copied back.
@@ -358,17 +359,32 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
     for name, value in keep.items():
         local(tensors[name]).copy_(value)
     del keep
-    filled: set[int] = set()
-    for name, full, homes in stream.read_deferred(deferred):
+    def home(homes):
         owner, attr = homes[0]
         target = owner._parameters.get(attr)
-        if target is None:
-            target = owner._buffers[attr]
-        if isinstance(target, DTensor):
+        return target if target is not None else owner._buffers[attr]
+
+    def my_rows(homes, shape):
+        """This rank's rows of a tensor FSDP sharded along dim 0 (torch.chunk's split, as
+        FSDP2 cuts), so only they are read; None (read it whole) otherwise."""
+        target = home(homes)
+        if not isinstance(target, DTensor) or not shape or \
+                [type(p).__name__ for p in target.placements] != ["Shard"] or \
+                target.placements[0].dim != 0:
+            return None
+        n, world, rank = shape[0], target.device_mesh.size(), target.device_mesh.get_local_rank()
+        size = -(-n // world)
+        start = min(rank * size, n)
+        return start, min(start + size, n)
+
+    filled: set[int] = set()
+    for name, full, homes in stream.read_deferred(deferred, rows=my_rows):
+        target = home(homes)
+        if isinstance(target, DTensor) and full.shape != local(target).shape:
             piece = distribute_tensor(full, target.device_mesh, target.placements,
                                       src_data_rank=None).to_local()
         else:
-            piece = full
+            piece = full  # already this rank's rows (or a tensor FSDP does not shard)
         dest = local(target)
         if dest.shape != piece.shape:
             raise ModelLoadError(f"{deferred.layout.folder}: FSDP shard of {name!r} is "
