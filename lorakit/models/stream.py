@@ -347,12 +347,11 @@ class Deferred:
 
     layout: Layout
     device: torch.device  # where the weights (and adapters created meanwhile) go
-    dtype: torch.dtype
     # checkpoint name -> (model name, dtype to read it in (None: as stored), [(module, attr)])
     slots: dict[str, tuple[str, torch.dtype | None, list[tuple[nn.Module, str]]]]
 
 
-def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device, dtype) -> Deferred:
+def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device) -> Deferred:
     expected = dict(model.state_dict(keep_vars=True))
     aliases = tied_names(model)
     slots, done = {}, set()
@@ -367,7 +366,7 @@ def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device,
             homes.append((model.get_submodule(path), attr))
         want = expected[target].dtype if expected[target].is_floating_point() else None
         slots[name] = (target, want, homes)
-    return Deferred(layout, torch.device(device), dtype, slots)
+    return Deferred(layout, torch.device(device), slots)
 
 
 def read_deferred(deferred: Deferred, rows=None):
@@ -434,7 +433,7 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
     if defer:
         if quantization is not None:
             raise ValueError("defer=True loads dense weights only")
-        model.lorakit_deferred = _deferred(model, layout, mapping, device, dtype)
+        model.lorakit_deferred = _deferred(model, layout, mapping, device)
         model.lorakit_quantization = None
         return model
     quantized: dict[str, tuple[str, bool]] = {}  # weight name -> (layer path, was Conv1D)

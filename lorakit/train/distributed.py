@@ -358,7 +358,10 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
     tensors.update(module.named_buffers())
     for name, value in keep.items():
         local(tensors[name]).copy_(value)
+    # what was real before (the adapter) counts as set; the rest must come from the checkpoint
+    filled: set[int] = {id(tensors[name]) for name in keep}
     del keep
+
     def home(homes):
         owner, attr = homes[0]
         target = owner._parameters.get(attr)
@@ -377,7 +380,6 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
         start = min(rank * size, n)
         return start, min(start + size, n)
 
-    filled: set[int] = set()
     for name, full, homes in stream.read_deferred(deferred, rows=my_rows):
         target = home(homes)
         if isinstance(target, DTensor) and full.shape != local(target).shape:
@@ -393,14 +395,10 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
         filled.update(id(m._parameters.get(a, m._buffers.get(a))) for m, a in homes)
         del full, piece
     stream.release_freed_memory()
-    unset = [n for n, p in module.named_parameters() if id(p) not in filled and not _is_adapter(n)]
+    unset = [n for n, p in module.named_parameters() if id(p) not in filled]
     if unset:
         raise ModelLoadError(f"{deferred.layout.folder}: the checkpoint holds no tensor for "
                              f"{unset[0]!r} ({len(unset)} missing); re-download it")
-
-
-def _is_adapter(name: str) -> bool:
-    return any(part in name for part in (".lora_A.", ".lora_B.", ".lora_magnitude_vector."))
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
