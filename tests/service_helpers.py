@@ -60,10 +60,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_service(base_dir: Path, state_dir: Path, *, api_key: str | None = None,
                     api_keys: dict[str, str] | None = None, ui: bool = True,
-                    max_concurrent: int = 1):
+                    max_concurrent: int = 1, max_batch_size: int = 16):
     """The inference server with the fine-tuning service (``create_service_app``) over the tiny
     base at ``base_dir``, served as ``tiny-base`` on a free loopback port; yields
-    ``{"url", "engine", "manager", "app", "state"}`` and stops it all afterwards."""
+    ``{"url", "engine", "manager", "app", "state"}`` and stops it all afterwards.
+    ``max_batch_size=1`` decodes one request at a time (bit-identical to any later request
+    run alone, for tests that compare answers across separate calls)."""
     from lorakit.jobs.api import create_service_app
     from lorakit.jobs.manager import JobManager
     from lorakit.models.load import load_model
@@ -71,7 +73,8 @@ def running_service(base_dir: Path, state_dir: Path, *, api_key: str | None = No
     from lorakit.serve.engine import Engine
 
     model, tokenizer = load_model(base_dir)
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256)
+    engine = Engine(model, tokenizer, base_name="tiny-base", max_model_len=256,
+                    max_batch_size=max_batch_size)
     manager = JobManager(state_dir, engine, base_model=str(base_dir), base_name="tiny-base",
                          max_concurrent=max_concurrent, poll_s=0.1)
     app = create_service_app(engine, manager, api_key=api_key, api_keys=api_keys, ui=ui)
