@@ -351,20 +351,29 @@ class Deferred:
     slots: dict[str, tuple[str, torch.dtype | None, list[tuple[nn.Module, str]]]]
 
 
-def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device) -> Deferred:
+def _unique_tensors(model: nn.Module, mapping: dict[str, str]):
+    """``(checkpoint name, model name, dtype to read it in (None: as stored), [aliases])`` for
+    each tensor the model needs, once (a tied copy stored twice is skipped): the walk both the
+    eager load and a deferred one make."""
     expected = dict(model.state_dict(keep_vars=True))
     aliases = tied_names(model)
-    slots, done = {}, set()
+    done: set[str] = set()
     for name, target in mapping.items():
         if target in done:
-            continue  # a tied copy stored twice
+            continue
         names = aliases.get(target, [target])
         done.update(names)
+        want = expected[target].dtype if expected[target].is_floating_point() else None
+        yield name, target, want, names
+
+
+def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device) -> Deferred:
+    slots = {}
+    for name, target, want, names in _unique_tensors(model, mapping):
         homes = []
         for n in names:
             path, _, attr = n.rpartition(".")
             homes.append((model.get_submodule(path), attr))
-        want = expected[target].dtype if expected[target].is_floating_point() else None
         slots[name] = (target, want, homes)
     return Deferred(layout, torch.device(device), slots)
 
@@ -442,15 +451,9 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
                                       quantization.get("skip_modules"), device=device, dtype=dtype)
         qz.probe_device(device)
         quantized = {f"{path}.weight": (path, qz.is_conv1d(m)) for path, m in layers}
-    aliases = tied_names(model)
-    done: set[str] = set()
-    for name, target in mapping.items():
+    for name, target, want, names in _unique_tensors(model, mapping):
         info = layout.tensors[name]
-        if target in done:
-            continue  # a tied copy stored twice
-        want = expected[target].dtype if expected[target].is_floating_point() else None
         tensor = read_tensor(info, name, want, device)
-        names = aliases.get(target, [target])
         if target in quantized:
             path, conv1d = quantized[target]
             old = model.get_submodule(path)
@@ -468,7 +471,6 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
             release_freed_memory()  # the float32 copy and bitsandbytes' temporaries
         else:
             _put(model, names, tensor)
-        done.update(names)
     release_freed_memory()
     for module in model.modules():  # buffers were built on the CPU by __init__
         for key, buf in module._buffers.items():

@@ -162,6 +162,40 @@ def test_streamed_model_equals_load_then_quantize(tmp_path, family, quant, dtype
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_deferred_load_reads_every_tensor_once_into_its_homes(tmp_path, family):
+    """``defer_weights=True`` (the FSDP sharded load) reads nothing, and ``read_deferred``
+    yields each tensor once (tied copies share an entry) with every (module, attribute) it
+    belongs to; filling them gives the eager load, also when only some rows are read."""
+    _save_family(tmp_path, family)
+    eager, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    model, _ = load_model(tmp_path, dtype=torch.float32, device="cpu", defer_weights=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    deferred = model.lorakit_deferred
+    want = eager.state_dict()
+    seen, homes_of = [], {}
+    for name, tensor, homes in stream.read_deferred(deferred):
+        seen.append(name)
+        homes_of[name] = homes
+        assert torch.equal(tensor, want[name]) and tensor.dtype == torch.float32
+        param = torch.nn.Parameter(tensor, requires_grad=False)  # one for all its homes
+        for module, attr in homes:
+            setattr(module, attr, param)
+    assert len(seen) == len(set(seen))
+    covered = {id(getattr(m, a)) for homes in homes_of.values() for m, a in homes}
+    assert all(id(p) in covered for p in model.parameters())
+    if model.config.tie_word_embeddings:
+        emb = model.get_input_embeddings().weight
+        assert model.get_output_embeddings().weight is emb
+        assert sum(len(h) for h in homes_of.values()) == len(seen) + 1  # one entry, two homes
+    ids = sample_input_ids()
+    assert torch.equal(_logits(model.eval(), ids), _logits(eager.eval(), ids))
+    # an FSDP rank's rows: rows(homes, shape) -> (start, stop)
+    half = {n: t for n, t, _ in stream.read_deferred(
+        deferred, rows=lambda homes, shape: (0, (shape[0] + 1) // 2))}
+    assert all(torch.equal(half[n], want[n][:(want[n].shape[0] + 1) // 2]) for n in seen)
+
+
 def test_lora_trains_over_a_streamed_4bit_base(tmp_path):
     import bitsandbytes as bnb
 
