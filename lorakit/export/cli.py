@@ -65,6 +65,11 @@ def add_parsers(subparsers) -> None:
                        help="greedy tokens decoded per prompt in the parity check (default: 16)")
     merge.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                        help="largest safetensors shard, e.g. 2GB or 500MB (default: 2GB)")
+    merge.add_argument("--parity-by-layer", default="auto", choices=["auto", "on", "off"],
+                       help="run the parity gate's float32 models layer by layer, reading each "
+                            "block's weights just before it runs (about one layer in memory "
+                            "instead of the model; same logits, slower). auto (default): when "
+                            "the float32 model would take over half the free memory")
     merge.add_argument("--json", action="store_true", help="also print the result as JSON")
     merge.set_defaults(func=run_merge)
 
@@ -192,7 +197,9 @@ def run_merge(args) -> int:
                              dtype=getattr(torch, _DTYPES[args.dtype]), force=args.force,
                              overwrite=args.overwrite, prompts=_read_prompts(args.prompts),
                              max_new_tokens=args.max_new_tokens,
-                             max_shard_size=args.max_shard_size)
+                             max_shard_size=args.max_shard_size,
+                             by_layer={"auto": None, "on": True, "off": False}[
+                                 args.parity_by_layer])
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -267,7 +267,7 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
                     dtype: torch.dtype = torch.float32, force: bool = False,
                     overwrite: bool = False, prompts: list[str] | None = None,
                     max_new_tokens: int = 16, max_shard_size: str | int = "2GB",
-                    console=None) -> dict:
+                    by_layer: bool | None = None, console=None) -> dict:
     """``lorakit merge``: fold an adapter folder into its base, write a standard HF folder and
     gate it on parity with the adapter-on-base.
 
@@ -281,8 +281,16 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
     is reported). The models of the gate are loaded one at a time. Only when the gate passes
     (or ``force``) is it renamed to ``out``; otherwise it is deleted.
 
+    ``by_layer``: run the gate's float32 models layer by layer (``lorakit.models.layerwise``:
+    each block's weights read from the checkpoint just before it runs, so the gate needs about
+    one layer in float32, not the model; same logits). None: when the float32 model would take
+    more than half of the memory available now (a 7B model is 27 GB in float32). The 4-bit
+    reference of a QLoRA adapter is loaded whole (it is 4-bit). Models that cannot run layer by
+    layer (DoRA, ``modules_to_save``, trained biases, bases that do not stream) load whole.
+
     Returns:
-        ``{"out", "base", "dtype", "qlora", "parity": {label: report}, "passed", "forced"}``.
+        ``{"out", "base", "dtype", "qlora", "parity": {label: report}, "passed", "forced",
+        "parity_by_layer"}``.
 
     Raises:
         ExportError: ``out`` exists without ``overwrite``; parity worse than the thresholds.
@@ -292,7 +300,6 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
     import shutil
 
     from rich.console import Console
-    from transformers import AutoModelForCausalLM
 
     from lorakit.errors import ExportError
     from lorakit.export import parity
@@ -309,6 +316,7 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
             with console.status(f"merging layer by layer into {out}…"):
                 lean.write_folder(tmp, max_shard_size=max_shard_size)
             spec, tokenizer, qlora, quant = lean.spec, lean.tokenizer, lean.qlora, lean.quant
+            fp32_bytes = lean.float32_bytes()
             del lean
         else:
             with console.status("loading the base model and the adapter…"):
@@ -319,8 +327,13 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
                 save_hf_folder(merged, adapted.tokenizer, tmp, max_shard_size=max_shard_size)
             spec, tokenizer = adapted.spec, adapted.tokenizer
             qlora, quant = adapted.quantized is not None, adapted.manifest.get("quantization")
+            fp32_bytes = None  # a base that does not stream: whole loads only
             del merged, adapted
         gc.collect()
+        by_layer = _gate_by_layer(by_layer, fp32_bytes)
+        if by_layer:
+            console.print("parity gate: float32 models run layer by layer (one block's weights "
+                          "in memory at a time)", style="dim", highlight=False)
         with console.status("checking parity (reading the folder back with transformers)…"):
             ids = parity.encode_prompts(tokenizer, prompts)
             references = []
@@ -328,17 +341,20 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
                 references.append(("adapter on 4-bit base", _adapter_on_base(
                     adapter_dir, spec, quant), True))
             references.append(("adapter on float32 base" if qlora else "adapter on base",
-                               _adapter_on_base(adapter_dir, spec, None), not qlora))
+                               _adapter_on_base(adapter_dir, spec, None, by_layer), not qlora))
             outputs = []
             for label, load, gated in references:
                 reference = load()
-                outputs.append((label, parity.model_outputs(reference, ids, max_new_tokens),
-                                gated))
+                with _running(reference):
+                    outputs.append((label, parity.model_outputs(reference, ids, max_new_tokens),
+                                    gated))
                 del reference
                 gc.collect()
-            written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            rows = [(label, parity.compare_outputs(ref, parity.model_outputs(
-                written, ids, max_new_tokens, follow=ref)), gated) for label, ref, gated in outputs]
+            written = _written_model(tmp, by_layer)
+            with _running(written):
+                rows = [(label, parity.compare_outputs(ref, parity.model_outputs(
+                    written, ids, max_new_tokens, follow=ref)), gated)
+                    for label, ref, gated in outputs]
             del written
         parity.print_table(rows, dtype, console)
         bad = [f"{label}: {'; '.join(parity.failures(rep, dtype))}"
@@ -354,15 +370,76 @@ def merge_to_folder(adapter_dir, out, model: str | None = None, *,
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "base": spec, "dtype": parity.dtype_name(dtype),
             "qlora": qlora, "parity": {label: rep for label, rep, _ in rows}, "passed": not bad,
-            "forced": bool(bad)}
+            "forced": bool(bad), "parity_by_layer": by_layer}
 
 
-def _adapter_on_base(adapter_dir, spec: str, quant: dict | None):
-    """A loader (called when needed) of the adapter over the float32 base, or over the 4-bit
-    base quantized with the manifest's settings ``quant`` (as the QLoRA run trained)."""
+def _gate_by_layer(by_layer: bool | None, fp32_bytes: int | None) -> bool:
+    """Whether the gate's float32 models run layer by layer (see :func:`merge_to_folder`)."""
+    if fp32_bytes is None:
+        return False
+    if by_layer is not None:
+        return by_layer
+    from lorakit.plan.preflight import available_memory_bytes
+
+    free = available_memory_bytes("cpu")
+    return free is not None and fp32_bytes > free / 2
+
+
+def _running(model):
+    """The context a gate model runs in: layer by layer when it was loaded deferred."""
+    import contextlib
+
+    from lorakit.models.layerwise import layerwise
+
+    return layerwise(model) if getattr(model, "lorakit_deferred", None) is not None \
+        else contextlib.nullcontext()
+
+
+def _written_model(folder, by_layer: bool) -> nn.Module:
+    """The merged folder read back in float32: with plain transformers, or (``by_layer``)
+    deferred, its weights read block by block during each forward."""
+    from transformers import AutoModelForCausalLM
+
+    if by_layer:
+        from lorakit.models.load import load_model
+
+        model, _ = load_model(folder, dtype=torch.float32, device="cpu", defer_weights=True)
+        if getattr(model, "lorakit_deferred", None) is not None:
+            return model.eval()
+        del model  # did not stream: read it whole
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _deferred_adapted(adapter_dir, spec: str):
+    """The adapter over the float32 base with the base's weights left in the checkpoint (for
+    a layer-by-layer forward), or None when this adapter cannot run so: its config trains
+    base biases, or it leaves tensors no checkpoint fills (DoRA magnitudes, modules_to_save
+    copies), or the base does not stream."""
+    from lorakit.lora.inject import adapter_configs
+    from lorakit.models.layerwise import uncovered
+    from lorakit.models.load import load_model
+
+    base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu", defer_weights=True)
+    if getattr(base, "lorakit_deferred", None) is None:
+        return None
+    _load_adapter_unchecked(base, adapter_dir, tokenizer=tokenizer)
+    config = adapter_configs(base)["default"]
+    if config.bias != "none" or uncovered(base):
+        return None
+    return base.eval()
+
+
+def _adapter_on_base(adapter_dir, spec: str, quant: dict | None, by_layer: bool = False):
+    """A loader (called when needed) of the adapter over the float32 base (``by_layer``: with
+    the base's weights left in its checkpoint when the adapter allows), or over the 4-bit base
+    quantized with the manifest's settings ``quant`` (as the QLoRA run trained)."""
     def load():
         from lorakit.models.load import load_model
 
+        if by_layer and not quant:
+            model = _deferred_adapted(adapter_dir, spec)
+            if model is not None:
+                return model
         if quant and quant.get("block_size", 64) == 64:  # streamed straight to 4-bit
             base, tokenizer = load_model(spec, dtype=torch.float32, device="cpu",
                                          quantization=quant.get("type", "nf4"),
@@ -489,6 +566,13 @@ class LeanMerge:
         self._dtypes = {n: d for n, _, d in plan}  # output dtype per tensor
         self.conv1d = {p for p, m in plain.named_modules() if is_conv1d(m)}
         del plain
+
+    def float32_bytes(self) -> int:
+        """The base's floating-point tensors in float32 (what a whole float32 load holds)."""
+        import math
+
+        return sum(4 * math.prod(info.shape) for info in self.layout.tensors.values()
+                   if info.dtype in ("F32", "F16", "BF16", "F64"))
 
     def _changed(self, pname: str) -> bool:
         path, _, attr = pname.rpartition(".")

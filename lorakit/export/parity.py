@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.models.layerwise import input_device
+
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
     "Write a SQL query that returns the ten most recent orders.",
@@ -71,8 +73,7 @@ def parity_report(model_a, model_b, input_ids: torch.Tensor,
         |logit_a - logit_b|, the mean KL(p_a || p_b) in nats per position, and the fraction of
         positions whose argmax token agrees.
     """
-    device_a = next(model_a.parameters()).device
-    device_b = next(model_b.parameters()).device
+    device_a, device_b = input_device(model_a), input_device(model_b)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits_a = model_a(input_ids=input_ids.to(device_a),
                        **{k: v.to(device_a) for k, v in kwargs.items()}).logits.float().cpu()
@@ -96,8 +97,7 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[i
     """``max_new_tokens`` greedy tokens after ``input_ids`` (1, T); no stop at EOS, so two
     models are compared over the same number of steps. Recomputes the whole sequence each
     step (no KV cache): a few dozen short forwards, and no dependence on cache APIs."""
-    device = next(model.parameters()).device
-    ids = input_ids.to(device)
+    ids = input_ids.to(input_device(model))
     tokens = []
     for _ in range(max_new_tokens):
         nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
@@ -122,8 +122,7 @@ def model_outputs(model, prompt_ids: list[torch.Tensor], max_new_tokens: int = 1
         tokens = greedy_tokens(model, ids, max_new_tokens)
         full = torch.cat([ids, torch.tensor([tokens])], dim=1) if follow is None \
             else follow[k]["full"]
-        device = next(model.parameters()).device
-        logits = model(input_ids=full.to(device)).logits.float().cpu()[0]
+        logits = model(input_ids=full.to(input_device(model))).logits.float().cpu()[0]
         out.append({"tokens": tokens, "full": full, "logits": logits})
     return out
 

@@ -176,3 +176,69 @@ def test_lean_merge_peak_memory_is_one_layer_not_the_model(big_base, tmp_path, q
     assert measured["extra"] < 0.65 * fp32_model, measured
     written = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
     assert written > 0.9 * info["parameters"] * (4 if dtype == "float32" else 2)
+
+
+@pytest.mark.parametrize("case", ["llama-lora-bias", "gpt2-conv1d", "tied-untouched",
+                                  "qwen2-qlora", "llama-qlora-dora"])
+def test_parity_gate_by_layer_reports_what_the_whole_models_report(case, tmp_path):
+    """The gate run layer by layer computes the same logits, so its reports are identical;
+    adapters that cannot run so (trained biases, DoRA) fall back to the whole float32 base."""
+    from lorakit.export.merge import merge_to_folder
+
+    family, overrides, lora, qlora = CASES[case]
+    base = save_base(tmp_path, family, **overrides)
+    adapter = make_adapter(tmp_path, base, qlora=qlora, **lora)
+    whole = merge_to_folder(adapter, tmp_path / "whole", by_layer=False, max_new_tokens=4)
+    layered = merge_to_folder(adapter, tmp_path / "layered", by_layer=True, max_new_tokens=4)
+    assert whole["parity_by_layer"] is False and layered["parity_by_layer"] is True
+    assert layered["passed"] and layered["parity"] == whole["parity"]
+    assert _folder_tensors(tmp_path / "whole").keys() == _folder_tensors(tmp_path / "layered").keys()
+
+
+def test_parity_gate_by_layer_is_chosen_when_float32_does_not_fit(monkeypatch):
+    from lorakit.export import merge
+    from lorakit.plan import preflight
+
+    monkeypatch.setattr(preflight, "available_memory_bytes", lambda device: 10 * 2**30)
+    assert merge._gate_by_layer(None, 27 * 2**30) is True  # a 7B model in float32
+    assert merge._gate_by_layer(None, 2 * 2**30) is False
+    assert merge._gate_by_layer(False, 27 * 2**30) is False  # --parity-by-layer off
+    assert merge._gate_by_layer(True, None) is False  # a base that does not stream
+
+
+_MEASURE_GATE = textwrap.dedent("""
+    import json, sys, torch
+    from lorakit.export.merge import merge_to_folder
+    from lorakit.memory import reset_peak_rss, rss_bytes
+    from lorakit.models.load import import_model_code
+    adapter, base, out, by_layer = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "on"
+    import lorakit.export.parity, lorakit.models.layerwise  # noqa: code, not the merge
+    import_model_code(base)
+    assert reset_peak_rss(), "needs Linux /proc/self/clear_refs"
+    before = rss_bytes("VmRSS")
+    result = merge_to_folder(adapter, out, dtype=torch.bfloat16, by_layer=by_layer,
+                             max_new_tokens=2, prompts=["w5 w6 w7"])
+    peak = rss_bytes("VmHWM")
+    print(json.dumps({"extra": peak - before, "passed": result["passed"]}))
+""")
+
+
+def test_merge_with_parity_by_layer_never_holds_the_float32_model(big_base, tmp_path):
+    """The whole `lorakit merge` (layer-by-layer merge + the gate layer by layer) of a dense
+    adapter stays far below the float32 model; the gate with whole models needs it."""
+    base, info = big_base
+    adapter = _adapter_for(base, tmp_path / "adapter", qlora=False)
+    extra = {}
+    for mode in ("on", "off"):
+        done = subprocess.run([sys.executable, "-c", _MEASURE_GATE, str(adapter), str(base),
+                               str(tmp_path / f"merged-{mode}"), mode],
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        assert measured["passed"]
+        extra[mode] = measured["extra"]
+    fp32_model = info["parameters"] * 4
+    print(f"merge + gate: by layer +{extra['on'] / 2**20:.0f} MiB, whole models "
+          f"+{extra['off'] / 2**20:.0f} MiB (model fp32 {fp32_model / 2**20:.0f} MiB)")
+    assert extra["off"] > 0.9 * fp32_model  # the whole-model gate holds the float32 model
+    assert extra["on"] < 0.45 * fp32_model
