@@ -381,7 +381,7 @@ def _gate_by_layer(by_layer: bool | None, fp32_bytes: int | None) -> bool:
         return by_layer
     from lorakit.plan.preflight import available_memory_bytes
 
-    free = available_memory_bytes("cpu")
+    free = available_memory_bytes(torch.device("cpu"))
     return free is not None and fp32_bytes > free / 2
 
 
