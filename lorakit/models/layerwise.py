@@ -38,15 +38,11 @@ from lorakit.errors import ModelLoadError
 
 
 def _units(model: nn.Module) -> dict[int, nn.Module]:
-    """id(module) -> the unit it is read with: its decoder block (transformers names the
-    block classes in ``_no_split_modules``), or itself outside the blocks."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    owner: dict[int, nn.Module] = {}
-    for module in model.modules():
-        if type(module).__name__ in names and id(module) not in owner:
-            for inner in module.modules():
-                owner[id(inner)] = module
-    return owner
+    """id(module) -> the unit it is read with: its decoder block, or itself outside the
+    blocks (absent from the map)."""
+    from lorakit.models.modules import decoder_blocks
+
+    return {id(inner): block for block in decoder_blocks(model) for inner in block.modules()}
 
 
 def uncovered(model: nn.Module) -> list[str]:
@@ -65,14 +61,6 @@ def uncovered(model: nn.Module) -> list[str]:
     return left
 
 
-def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
-    if attr in module._parameters:
-        module._parameters[attr] = value if isinstance(value, nn.Parameter) else \
-            nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[attr] = value
-
-
 @contextlib.contextmanager
 def layerwise(model: nn.Module):
     """Within the block, every forward of ``model`` (built with ``defer_weights=True``) reads
@@ -84,7 +72,7 @@ def layerwise(model: nn.Module):
         ModelLoadError: the model was not built deferred, or holds meta tensors no checkpoint
             tensor fills (:func:`uncovered`).
     """
-    from lorakit.models.stream import read_tensor, release_freed_memory
+    from lorakit.models.stream import home_tensor, put_homes, read_tensor, release_freed_memory
 
     deferred = getattr(model, "lorakit_deferred", None)
     if deferred is None:
@@ -107,17 +95,14 @@ def layerwise(model: nn.Module):
 
     def read(unit_slots):
         for name, want, unit_homes in unit_slots:
-            tensor = read_tensor(deferred.layout.tensors[name], name, want, deferred.device)
-            param = nn.Parameter(tensor, requires_grad=False)  # one object for tied homes
-            for module, attr in unit_homes:
-                _set(module, attr, param if attr in module._parameters else tensor)
+            put_homes(unit_homes, read_tensor(deferred.layout.tensors[name], name, want,
+                                              deferred.device))
 
     def drop(unit_slots):
         for _, _, unit_homes in unit_slots:
-            for module, attr in unit_homes:
-                real = module._parameters.get(attr)
-                real = real if real is not None else module._buffers.get(attr)
-                _set(module, attr, torch.empty_like(real, device="meta"))
+            real = home_tensor(*unit_homes[0])
+            if not real.is_meta:
+                put_homes(unit_homes, torch.empty_like(real, device="meta"))
         # glibc keeps freed blocks of a few MB in its heap (its mmap threshold grows after the
         # first such free): without a trim every unit read would stay resident
         release_freed_memory()

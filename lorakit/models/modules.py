@@ -15,3 +15,16 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks: its modules whose class transformers names in
+    ``model._no_split_modules`` (outermost only), in model order; empty when it names none."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks, inside = [], set()
+    for module in model.modules():
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        blocks.append(module)
+        inside.update(id(m) for m in module.modules())
+    return blocks

@@ -321,12 +321,18 @@ def read_tensor(info: TensorInfo, name: str, dtype: torch.dtype | None = None,
     return tensor
 
 
-def _put(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
-    """Make ``tensor`` the parameter (or buffer) at each of ``names`` (aliases share it)."""
+def home_tensor(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The parameter or buffer ``attr`` of ``module`` (one home of a checkpoint tensor)."""
+    param = module._parameters.get(attr)
+    return param if param is not None else module._buffers.get(attr)
+
+
+def put_homes(homes: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter (or buffer) at each (module, attribute) of ``homes``;
+    parameters share one ``nn.Parameter`` (tied aliases stay one object) that keeps the
+    old one's ``requires_grad``."""
     param = None
-    for name in names:
-        path, _, attr = name.rpartition(".")
-        module = model.get_submodule(path)
+    for module, attr in homes:
         if attr in module._parameters:
             old = module._parameters[attr]
             if param is None:
@@ -335,6 +341,15 @@ def _put(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
             module._parameters[attr] = param
         else:
             module._buffers[attr] = tensor
+
+
+def _put(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter (or buffer) at each of ``names`` (aliases share it)."""
+    homes = []
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        homes.append((model.get_submodule(path), attr))
+    put_homes(homes, tensor)
 
 
 @dataclass

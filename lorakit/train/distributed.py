@@ -363,9 +363,7 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
     del keep
 
     def home(homes):
-        owner, attr = homes[0]
-        target = owner._parameters.get(attr)
-        return target if target is not None else owner._buffers[attr]
+        return stream.home_tensor(*homes[0])
 
     def my_rows(homes, shape):
         """This rank's rows of a tensor FSDP sharded along dim 0 (torch.chunk's split, as
@@ -392,7 +390,7 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
             raise ModelLoadError(f"{deferred.layout.folder}: FSDP shard of {name!r} is "
                                  f"{list(dest.shape)}, the checkpoint's piece {list(piece.shape)}")
         dest.copy_(piece)
-        filled.update(id(m._parameters.get(a, m._buffers.get(a))) for m, a in homes)
+        filled.update(id(stream.home_tensor(m, a)) for m, a in homes)
         del full, piece
     stream.release_freed_memory()
     unset = [n for n, p in module.named_parameters() if id(p) not in filled]
@@ -409,8 +407,9 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     Raises:
         ConfigError: the model names no block class, or none of its modules is one.
     """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    units = [m for m in model.modules() if type(m).__name__ in names]
+    from lorakit.models.modules import decoder_blocks
+
+    units = decoder_blocks(model)
     if not units:
         raise ConfigError(f"train.strategy=fsdp: cannot find the decoder blocks of "
                           f"{type(model).__name__} (no _no_split_modules); use train.strategy=ddp")
