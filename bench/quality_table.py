@@ -88,15 +88,20 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
     ap.add_argument("--out-dir", default="/tmp/quality")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every row")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides added to every row (recorded as rows of their own, e.g. "
+                         "--extra lora.dropout=0.05 for the default dropout)")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
     results_file = Path(__file__).parent / "results" / "quality_table.json"
     results = json.loads(results_file.read_text())["rows"] if results_file.exists() else {}
-    for name in args.rows.split(","):
-        summary = train(name, ROWS[name], out_dir, args.extra)
-        acc = accuracy(name, out_dir / name, args.limit)
-        results[name] = {"overrides": ROWS[name] + args.extra, **acc,
+    for row in args.rows.split(","):
+        # rows run with --extra are kept beside the plain ones, e.g. "lora lora.dropout=0.05"
+        name = " ".join([row, *args.extra])
+        folder = name.replace(" ", "_").replace("=", "-")
+        summary = train(folder, ROWS[row], out_dir, args.extra)
+        acc = accuracy(folder, out_dir / folder, args.limit)
+        results[name] = {"overrides": ROWS[row] + args.extra, **acc,
                          "final_eval_loss": summary["final_eval_loss"],
                          "wall_time_s": summary["wall_time_s"], "steps": summary["steps"],
                          "peak_rss_gib": round(summary["peak_memory_bytes"] / 2**30, 2),
@@ -109,10 +114,10 @@ def main() -> None:
               f"eval loss {r['final_eval_loss']:.4f} {r['wall_time_s']:.0f} s {r['peak_rss_gib']} GiB",
               flush=True)
     full = results.get("full")
-    print(f"\n{'row':<12} {'exec acc':>9} {'of full':>8} {'eval loss':>10} {'time s':>7} {'peak GiB':>9}")
+    print(f"\n{'row':<28} {'exec acc':>9} {'of full':>8} {'eval loss':>10} {'time s':>7} {'peak GiB':>9}")
     for name, r in results.items():
         rel = f"{100 * r['accuracy'] / full['accuracy']:.0f}%" if full and full["accuracy"] else "-"
-        print(f"{name:<12} {100 * r['accuracy']:8.0f}% {rel:>8} {r['final_eval_loss']:10.4f} "
+        print(f"{name:<28} {100 * r['accuracy']:8.0f}% {rel:>8} {r['final_eval_loss']:10.4f} "
               f"{r['wall_time_s']:7.0f} {r['peak_rss_gib']:9.2f}")
     print(f"wrote {results_file}")
 
