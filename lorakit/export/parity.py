@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.models.layerwise import input_device
+from lorakit.models.modules import kv_cache_argument
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -106,6 +107,53 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[i
     return tokens
 
 
+def _left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (1, T_i) stacked into (B, T) ids padded on the left (with token 0, masked out)
+    and their attention mask."""
+    width = max(s.shape[1] for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - s.shape[1]:] = s[0]
+        mask[row, width - s.shape[1]:] = 1
+    return ids, mask
+
+
+def _forward(model, ids, mask, past=None):
+    """One forward of a left-padded batch: positions counted from each row's first real
+    token (so a row computes what it computes alone), KV cache kept."""
+    device = input_device(model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    cache = {} if past is None else {kv_cache_argument(model): past}
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 position_ids=positions.to(device), use_cache=True, **cache)
+
+
+def _cache_of(model, out):
+    return getattr(out, kv_cache_argument(model))
+
+
+@torch.no_grad()
+def greedy_batch(model, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+    """Each prompt's ``max_new_tokens`` greedy tokens, every prompt decoded in one batch with a
+    KV cache: ``max_new_tokens`` forwards in all, however many prompts (what makes the gate
+    affordable for a model run layer by layer, where a forward reads every weight). No stop at
+    EOS, so two models are compared over the same number of steps."""
+    ids, mask = _left_padded(prompt_ids)
+    out = _forward(model, ids, mask)
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True).cpu()  # (B, 1)
+        tokens.append(nxt)
+        if step + 1 < max_new_tokens:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = _forward(model, nxt, mask, _cache_of(model, out))
+    del out
+    if not tokens:
+        return [[] for _ in prompt_ids]
+    return torch.cat(tokens, dim=1).tolist()
+
+
 @torch.no_grad()
 def model_outputs(model, prompt_ids: list[torch.Tensor], max_new_tokens: int = 16,
                   follow: list[dict] | None = None) -> list[dict]:
@@ -114,17 +162,22 @@ def model_outputs(model, prompt_ids: list[torch.Tensor], max_new_tokens: int = 1
     the teacher-forced sequence (prompt + the reference's continuation: its own when
     ``follow`` is None, else ``follow``'s, the reference's outputs).
 
+    The prompts run as one left-padded batch (:func:`greedy_batch`, then one teacher-forced
+    forward): ``max_new_tokens + 1`` forwards per model.
+
     Returns:
         ``[{"tokens": [int], "full": (1, T) ids, "logits": (T, vocab) float32}]``.
     """
-    out = []
-    for k, ids in enumerate(prompt_ids):
-        tokens = greedy_tokens(model, ids, max_new_tokens)
-        full = torch.cat([ids, torch.tensor([tokens])], dim=1) if follow is None \
-            else follow[k]["full"]
-        logits = model(input_ids=full.to(input_device(model))).logits.float().cpu()[0]
-        out.append({"tokens": tokens, "full": full, "logits": logits})
-    return out
+    tokens = greedy_batch(model, prompt_ids, max_new_tokens)
+    if follow is None:
+        fulls = [torch.cat([ids, torch.tensor([t], dtype=torch.long)], dim=1)
+                 for ids, t in zip(prompt_ids, tokens)]
+    else:
+        fulls = [f["full"] for f in follow]
+    ids, mask = _left_padded(fulls)
+    logits = _forward(model, ids, mask).logits.float().cpu()
+    return [{"tokens": t, "full": full, "logits": logits[row, ids.shape[1] - full.shape[1]:]}
+            for row, (t, full) in enumerate(zip(tokens, fulls))]
 
 
 def compare_outputs(reference: list[dict], candidate: list[dict]) -> dict:

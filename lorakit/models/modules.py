@@ -28,3 +28,13 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
         blocks.append(module)
         inside.update(id(m) for m in module.modules())
     return blocks
+
+
+def kv_cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model.forward`` (and of the output field that
+    carries the cache back): transformers >= 5.2x names it ``cache``, earlier releases
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"

@@ -28,7 +28,6 @@ registered and is read from disk again (on a worker thread) when a request asks 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import queue
 import threading
@@ -43,6 +42,7 @@ from typing import Callable
 import torch
 
 from lorakit.errors import AdapterError, ConfigError, LorakitError
+from lorakit.models.modules import kv_cache_argument
 from lorakit.serve import adapters as adapter_files
 
 
@@ -203,9 +203,7 @@ class Engine:
         self.adapter_dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
         self.signature = adapter_files.base_signature(model)
         self.eos_ids = _stop_token_ids(tokenizer, model)
-        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` before)
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
-            else "past_key_values"
+        self._cache_arg = kv_cache_argument(model)
         self.created = int(time.time())
 
         # guards the registry, the slots, the waiting queue and counters

@@ -119,6 +119,43 @@ def test_parity_report_of_identical_models_and_masks():
                       "positions": ids.numel() - 4}
 
 
+def _alone(model, ids, n):
+    """Greedy decode of one prompt with no cache and no batch: each step reruns the whole
+    sequence (the gate's previous procedure), then the teacher-forced logits."""
+    tokens = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(nxt))
+            ids = torch.cat([ids, nxt], dim=1)
+        return tokens, model(input_ids=ids).logits[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2"])
+def test_gate_outputs_batched_with_cache_equal_each_prompt_alone(family):
+    from lorakit.export import parity
+
+    model = make_tiny_model(family)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapter(model, scale=0.5)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, model.config.vocab_size, (1, n), generator=g) for n in (2, 9, 5)]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        got = parity.model_outputs(model, prompts, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert len(calls) == 6 + 1  # one batch: 6 decode steps + 1 teacher-forced, not 3 x 7
+    for ids, out in zip(prompts, got):
+        tokens, logits = _alone(model, ids, 6)
+        assert out["tokens"] == tokens
+        assert out["full"].tolist() == [ids[0].tolist() + tokens]
+        assert out["logits"].shape == logits.shape
+        assert (out["logits"] - logits).abs().max() < 1e-4
+
+
 @pytest.mark.slow
 def test_smollm2_qlora_merge_parity(smol_model):
     base, _ = smol_model
