@@ -310,7 +310,8 @@ def _remerge(model: nn.Module, merged: dict[str, list[str]]) -> None:
 def _logical_numel(param: torch.Tensor) -> int:
     """Parameters a tensor stands for: a packed 4-bit weight counts its unpacked shape."""
     quant_state = getattr(param, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
+    # a 4-bit weight still on the meta device (FSDP's sharded load) has no state yet
+    shape = getattr(quant_state, "shape", None) or getattr(param, "lorakit_shape", None)
     if shape is not None:
         return int(torch.Size(shape).numel())
     return param.numel()

@@ -78,6 +78,9 @@ def layerwise(model: nn.Module):
     if deferred is None:
         raise ModelLoadError("a layer-by-layer forward needs a model loaded with "
                              "defer_weights=True")
+    if deferred.quantize:
+        raise ModelLoadError("a layer-by-layer forward reads dense weights; this model's base "
+                             "is 4-bit (quantized when read): load it whole, it is small")
     left = uncovered(model)
     if left:
         raise ModelLoadError(f"cannot run layer by layer: {left[0]!r} ({len(left)} tensors) is "

@@ -265,9 +265,10 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
         defer_weights: build the model with its parameters on the meta device and read no
             weight yet (every shard header still checked); ``model.lorakit_deferred`` then says
             where the values are (``lorakit.models.stream.Deferred``), for a caller that
-            materialises only part of them (FSDP's per-rank shards). Ignored (an ordinary load,
-            no ``lorakit_deferred``) for 4-bit, ``device_map`` and checkpoints that do not
-            stream.
+            materialises only part of them (FSDP's per-rank shards); with ``quantization`` the
+            decoder linears are 4-bit layers whose codes are computed when read. Ignored (an
+            ordinary load, no ``lorakit_deferred``) for ``device_map`` and checkpoints that do
+            not stream.
 
     A safetensors checkpoint (a folder, the GGUF cache, a hub id already in the local cache)
     is streamed: built in ``dtype`` (or 4-bit) one tensor at a time, peak memory about the
@@ -300,7 +301,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, *, de
     model = None
     if device_map is None:
         model = _load_streaming(resolved, source, torch_dtype, device, quant,
-                                defer=defer_weights and quant is None)
+                                defer=defer_weights)
     if model is None:  # device_map placement, .bin weights, names needing conversion
         placed = {"device_map": device_map} if device_map is not None else {}
         model = from_pretrained(AutoModelForCausalLM, resolved, source, dtype=torch_dtype,

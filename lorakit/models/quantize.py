@@ -253,9 +253,8 @@ def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *,
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type=quant_type, device="meta")
-    codes, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=block_size,
-                                                compress_statistics=double_quant,
-                                                quant_type=quant_type, quant_storage=torch.uint8)
+    codes, state = quantize_4bit_codes(weight, quant_type=quant_type, double_quant=double_quant,
+                                       block_size=block_size)
     layer.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=state,
                                      blocksize=block_size, compress_statistics=double_quant,
                                      quant_type=quant_type, quant_storage=torch.uint8,
@@ -270,6 +269,48 @@ def linear4bit_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, *,
     layer.lorakit_conv1d = conv1d
     layer.train(training)
     return layer
+
+
+def meta_linear4bit(module: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32, block_size: int = 64):
+    """The ``Linear4bit`` that :func:`linear4bit_from_weight` will make of ``module`` (an
+    ``nn.Linear`` / ``Conv1D`` on the meta device), with its packed weight still on the meta
+    device: the shape of the codes ((out * in + 1) // 2, 1) uint8, no quant state yet
+    (:func:`quantize_4bit_codes` computes both when the weight is read; FSDP's sharded load
+    shards the codes first). ``lorakit_shape`` on the weight is the logical (out, in) shape,
+    for parameter counts before the state exists. The bias stays the module's (meta) bias.
+    """
+    bnb = import_bitsandbytes()
+    conv1d = is_conv1d(module)
+    out_features, in_features = (module.weight.shape[::-1] if conv1d else module.weight.shape)
+    bias = getattr(module, "bias", None)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=double_quant,
+                              quant_type=quant_type, device="meta")
+    codes = torch.empty(((out_features * in_features + 1) // 2, 1), dtype=torch.uint8,
+                        device="meta")
+    layer.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=None,
+                                     blocksize=block_size, compress_statistics=double_quant,
+                                     quant_type=quant_type, quant_storage=torch.uint8,
+                                     module=layer, bnb_quantized=True)
+    layer.weight.lorakit_shape = torch.Size([out_features, in_features])
+    layer.quant_state = None
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # as linear4bit_from_weight
+    layer.lorakit_conv1d = conv1d
+    layer.train(module.training)
+    return layer
+
+
+def quantize_4bit_codes(weight: torch.Tensor, *, quant_type: str = "nf4",
+                        double_quant: bool = True, block_size: int = 64):
+    """``(codes, quant_state)`` of an (out, in) weight: ``bitsandbytes.functional.quantize_4bit``
+    with the settings :func:`linear4bit_from_weight` uses (the same bytes)."""
+    bnb = import_bitsandbytes()
+    return bnb.functional.quantize_4bit(weight.contiguous(), blocksize=block_size,
+                                        compress_statistics=double_quant, quant_type=quant_type,
+                                        quant_storage=torch.uint8)
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -364,6 +364,9 @@ class Deferred:
     device: torch.device  # where the weights (and adapters created meanwhile) go
     # checkpoint name -> (model name, dtype to read it in (None: as stored), [(module, attr)])
     slots: dict[str, tuple[str, torch.dtype | None, list[tuple[nn.Module, str]]]]
+    # checkpoint name -> how to quantize it (``{"type", "double_quant", "block_size",
+    # "conv1d"}``): the weights of a 4-bit base's linears, whose homes hold the packed codes
+    quantize: dict[str, dict] = field(default_factory=dict)
 
 
 def _unique_tensors(model: nn.Module, mapping: dict[str, str]):
@@ -382,15 +385,64 @@ def _unique_tensors(model: nn.Module, mapping: dict[str, str]):
         yield name, target, want, names
 
 
-def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device) -> Deferred:
-    slots = {}
+def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device,
+              quantization: dict | None = None, dtype: torch.dtype | None = None) -> Deferred:
+    """The :class:`Deferred` of a skeleton; with ``quantization`` the planned decoder linears
+    are replaced first by meta 4-bit layers (``quantize.meta_linear4bit``) whose weights are
+    read in ``dtype`` and quantized when read (:func:`read_deferred`)."""
+    from lorakit.models import quantize as qz
+    from lorakit.models.modules import replace_module
+
+    planned: dict[str, bool] = {}  # weight name -> was Conv1D
+    if quantization is not None:
+        layers = qz.plan_quantization(model, quantization["type"], quantization["block_size"],
+                                      quantization.get("skip_modules"), device=device, dtype=dtype)
+        qz.probe_device(device)
+        for path, module in layers:
+            planned[f"{path}.weight"] = qz.is_conv1d(module)
+            replace_module(model, path, qz.meta_linear4bit(
+                module, quant_type=quantization["type"],
+                double_quant=quantization["double_quant"],
+                compute_dtype=quantization["compute_dtype"],
+                block_size=quantization["block_size"]))
+    slots, quantize = {}, {}
     for name, target, want, names in _unique_tensors(model, mapping):
         homes = []
         for n in names:
             path, _, attr = n.rpartition(".")
             homes.append((model.get_submodule(path), attr))
+        if target in planned:
+            want = dtype  # the codes' home is uint8; the weight is read in the model's dtype
+            quantize[name] = {"type": quantization["type"],
+                              "double_quant": quantization["double_quant"],
+                              "block_size": quantization["block_size"],
+                              "conv1d": planned[target]}
         slots[name] = (target, want, homes)
-    return Deferred(layout, torch.device(device), slots)
+    return Deferred(layout, torch.device(device), slots, quantize)
+
+
+def _quantized_codes(deferred: Deferred, name: str, dense: torch.Tensor,
+                     homes: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """The packed 4-bit codes of the weight ``name`` read as ``dense``; its quant state is put
+    on the 4-bit layer(s) that hold it (``layer.quant_state``: bitsandbytes gives it back to
+    the weight at the first forward, also after FSDP replaced the parameter by its shard)."""
+    from lorakit.models import quantize as qz
+
+    how = deferred.quantize[name]
+    try:
+        codes, state = qz.quantize_4bit_codes(dense.t() if how["conv1d"] else dense,
+                                              quant_type=how["type"],
+                                              double_quant=how["double_quant"],
+                                              block_size=how["block_size"])
+    except (RuntimeError, ValueError) as exc:  # a kernel or shape bitsandbytes refuses
+        raise ModelLoadError(f"{deferred.layout.tensors[name].file}: cannot quantize tensor "
+                             f"{name!r} ({type(exc).__name__}: {exc})") from None
+    for module, attr in homes:
+        module.quant_state = state
+        param = module._parameters.get(attr)
+        if param is not None and hasattr(param, "quant_state"):
+            param.quant_state = state
+    return codes
 
 
 def read_deferred(deferred: Deferred, rows=None):
@@ -401,11 +453,22 @@ def read_deferred(deferred: Deferred, rows=None):
     ``rows``: ``rows(homes, shape) -> (start, stop) | None``: read only those rows along dim 0
     (an FSDP rank's shard), or the whole tensor for None.
 
+    A weight the model holds in 4 bits (``deferred.quantize``) is read whole and quantized:
+    what is yielded is its packed codes ((out * in + 1) // 2, 1) uint8, exactly
+    ``quantize_4bit``'s (the caller cuts its rows), and its quant state is put on its layer.
+
     Raises:
-        ModelLoadError: a tensor cannot be read (file and tensor named).
+        ModelLoadError: a tensor cannot be read or quantized (file and tensor named).
     """
     for name, (target, want, homes) in deferred.slots.items():
         info = deferred.layout.tensors[name]
+        if name in deferred.quantize:
+            dense = read_tensor(info, name, want, deferred.device)
+            codes = _quantized_codes(deferred, name, dense, homes)
+            del dense
+            release_freed_memory()  # the dense copy and bitsandbytes' temporaries
+            yield target, codes, homes
+            continue
         span = rows(homes, info.shape) if rows is not None else None
         yield target, read_tensor(info, name, want, rows=span), homes
 
@@ -427,7 +490,9 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
         mapping: from :func:`match_names` (computed when None).
         defer: check the checkpoint against the model but read no weight: the parameters stay
             on the meta device and ``model.lorakit_deferred`` (a :class:`Deferred`) says where
-            their values are (dense only; for FSDP, whose ranks each read their own shard).
+            their values are (for FSDP, whose ranks each read their own shard). With
+            ``quantization`` the planned linears are already 4-bit layers, their packed codes
+            on the meta device, quantized when :func:`read_deferred` reads them.
 
     Returns:
         The model (train mode as transformers builds it; ``lorakit_quantization`` set), or
@@ -455,10 +520,10 @@ def load_streaming(layout: Layout, config, *, dtype: torch.dtype, device: torch.
                                  f"{type(model).__name__} expects {list(expected[target].shape)} "
                                  "(config.json and weights do not belong together)")
     if defer:
-        if quantization is not None:
-            raise ValueError("defer=True loads dense weights only")
-        model.lorakit_deferred = _deferred(model, layout, mapping, device)
-        model.lorakit_quantization = None
+        model.lorakit_deferred = _deferred(model, layout, mapping, device, quantization, dtype)
+        model.lorakit_quantization = None if quantization is None else qz.quantization_record(
+            quantization["type"], quantization["double_quant"], quantization["block_size"],
+            quantization["compute_dtype"])
         return model
     quantized: dict[str, tuple[str, bool]] = {}  # weight name -> (layer path, was Conv1D)
     if quantization is not None:

@@ -15,7 +15,8 @@ Two strategies (``train.strategy``):
   of them. Parameters keep the dtype they were loaded in (a bf16 base, float32 adapters;
   FSDP2 shards each parameter on its own, so mixed dtypes in one block are fine). A QLoRA
   base shards too: its packed 4-bit ``Params4bit`` weights are split row-wise like any
-  other parameter (checked on CPU/gloo: the sharded forward equals the unsharded one).
+  other parameter (checked on CPU/gloo: the sharded forward equals the unsharded one), and it
+  loads sharded like a 16-bit base (:func:`materialize_sharded`).
 
 What the recipe asks of this module, and why the maths stays that of one process:
 
@@ -310,9 +311,6 @@ def sharded_load_blocker(cfg, d: Dist) -> str | None:
     """
     if not d.enabled or d.strategy != "fsdp":
         return "not an FSDP run"
-    if cfg.quantized:
-        return ("a 4-bit base is quantized as it is read, on every rank (its packed weights "
-                "are then sharded)")
     lora = cfg.lora.to_lora_config()
     if lora.init_lora_weights not in (True, False, "gaussian"):
         return f"lora.init={lora.init_lora_weights} computes the adapter from the base weights"
@@ -334,7 +332,9 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
     time, reading only its own rows (safetensors slices along dim 0, cut as FSDP2 cuts; any
     other placement is read whole and cut by ``distribute_tensor(..., src_data_rank=None)``):
     no communication. Peak memory on a rank: its share of the base, the adapter, and its share
-    of one checkpoint tensor in flight.
+    of one checkpoint tensor in flight. A 4-bit base's linear weights are read whole and
+    quantized (``stream.read_deferred``: the codes a one-process load makes, the quant state
+    put on the layer, kept whole on every rank); the rank keeps its rows of the packed codes.
 
     What was already real (the adapter's shards, buffers such as RoPE's inv_freq) is kept:
     ``to_empty`` reallocates every tensor, so those are copied back.
@@ -354,6 +354,13 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
     tensors.update(module.named_buffers())
     keep = {name: local(t).detach().clone() for name, t in tensors.items() if not t.is_meta}
     module.to_empty(device=deferred.device)
+    # FSDP2 swaps tensors in place, so tied aliases stay one parameter; a plain module's
+    # to_empty gives each alias a tensor of its own: tie them again
+    for _, _, homes in deferred.slots.values():
+        first = stream.home_tensor(*homes[0])
+        for m, a in homes[1:]:
+            if stream.home_tensor(m, a) is not first:
+                (m._parameters if a in m._parameters else m._buffers)[a] = first
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     for name, value in keep.items():

@@ -150,7 +150,8 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
 
     # 1-2. model and data, before anything is written: bad input leaves no half-written run
     blocker = distributed.sharded_load_blocker(cfg, dist)
-    common.import_heavy_modules(cfg.model, dist.enabled and dist.strategy == "fsdp")
+    common.import_heavy_modules(cfg.model, dist.enabled and dist.strategy == "fsdp",
+                                cfg.quantized)
     before_load = common.reset_peak_memory(device)  # the load's peak: read once the model is ready
     model, tokenizer, counts = setup_model(cfg, device, precision, defer_weights=blocker is None)
     sharded = getattr(model, "lorakit_deferred", None) is not None

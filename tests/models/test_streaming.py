@@ -196,6 +196,37 @@ def test_deferred_load_reads_every_tensor_once_into_its_homes(tmp_path, family):
     assert all(torch.equal(half[n], want[n][:(want[n].shape[0] + 1) // 2]) for n in seen)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_deferred_4bit_load_quantizes_when_read_to_the_eager_codes(tmp_path, family):
+    """``defer_weights`` with ``quantization`` (FSDP's sharded QLoRA load): the model is built
+    with 4-bit layers whose packed codes are on the meta device and no weight read; reading
+    it (``materialize_sharded``, here in one process) quantizes each weight as it is read,
+    to the eager 4-bit load's bytes and quant state, and computes the same logits."""
+    from lorakit.lora.inject import trainable_parameters
+    from lorakit.models.quantize import is_4bit
+    from lorakit.train.distributed import materialize_sharded
+
+    _save_family(tmp_path, family)
+    eager, _ = load_model(tmp_path, dtype=torch.float32, device="cpu", quantization="nf4")
+    model, _ = load_model(tmp_path, dtype=torch.float32, device="cpu", quantization="nf4",
+                          defer_weights=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == sum(is_4bit(m) for m in eager.modules()) > 0
+    assert all(m.quant_state is None for _, m in layers)  # nothing quantized yet
+    assert trainable_parameters(model) == trainable_parameters(eager)  # logical sizes
+    assert model.lorakit_quantization == eager.lorakit_quantization
+    materialize_sharded(model, model.lorakit_deferred)
+    for name, layer in layers:
+        ref = eager.get_submodule(name)
+        assert torch.equal(layer.weight.data, ref.weight.data), name
+        got, want = layer.quant_state, ref.weight.quant_state
+        assert torch.equal(got.absmax, want.absmax) and torch.equal(got.offset, want.offset)
+        assert torch.equal(got.state2.absmax, want.state2.absmax)
+    ids = sample_input_ids()
+    assert torch.equal(_logits(model.eval(), ids), _logits(eager.eval(), ids))
+
+
 def test_lora_trains_over_a_streamed_4bit_base(tmp_path):
     import bitsandbytes as bnb
 

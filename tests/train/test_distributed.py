@@ -36,6 +36,10 @@ TOL = 1e-5
 # enough that half of it stands out from allocator noise
 MID = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
            num_key_value_heads=4, vocab_size=4096)
+# the same check for a 4-bit base: wider, so that half of its ~60 MB of 4-bit codes stands
+# out beside one float32 MLP matrix (16 MB) and bitsandbytes' temporaries quantizing it
+QMID = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+            num_key_value_heads=4, vocab_size=4096)
 WORKER = Path(__file__).with_name("_dist_worker.py")
 # QLoRA: NF4 base (bitsandbytes, CPU), 2 steps without eval or checkpoints (cheap)
 QLORA = ("method=qlora", "train.max_steps=2", "train.save_every=null", "train.eval_every=null")
@@ -111,10 +115,28 @@ def mid_runs(tmp_path_factory):
     return root, mid
 
 
-def _mid_checkpoint(path: Path) -> dict:
+@pytest.fixture(scope="module")
+def qlora_mid_runs(tmp_path_factory):
+    """As ``mid_runs``, QLoRA (NF4) on the QMID checkpoint: one process, then two FSDP ranks."""
+    root = tmp_path_factory.mktemp("dist-qmid")
+    mid = _mid_checkpoint(root / "qmid-ckpt", QMID, shard_mib=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    single = subprocess.run([sys.executable, "-m", "lorakit", "train",
+                             *_mid_overrides(mid, root / "single", "method=qlora"),
+                             "train.batch_size=2"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = subprocess.run(distributed.torchrun_command(
+        2, ["train", *_mid_overrides(mid, root / "fsdp", "train.strategy=fsdp", "method=qlora")]),
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, mid
+
+
+def _mid_checkpoint(path: Path, shape: dict = MID, shard_mib: int = 16) -> dict:
     from checkpoints import llama_config, write_llama_checkpoint
 
-    info = write_llama_checkpoint(path, llama_config(**MID), shard_bytes=16 * 2**20)
+    info = write_llama_checkpoint(path, llama_config(**shape), shard_bytes=shard_mib * 2**20)
     rows = [{"prompt": " ".join(f"w{3 + (i * 7 + j) % 4000}" for j in range(12)),
              "completion": " ".join(f"w{3 + (i * 11 + j) % 4000}" for j in range(6))}
             for i in range(8)]
@@ -176,11 +198,42 @@ def test_fsdp_ranks_read_only_their_shard_of_the_base(mid_runs):
     assert _max_diff(_adapter(root / "single" / "adapter"), _adapter(root / "fsdp" / "adapter")) <= TOL
 
 
+def test_fsdp_ranks_hold_only_their_shard_of_a_4bit_base(qlora_mid_runs):
+    """A 4-bit base loads sharded too: each rank reads every linear weight (one tensor in
+    flight), quantizes it and keeps only its rows of the packed codes, so its load adds about
+    half the 4-bit model plus what one tensor in flight costs (its float32 copy and
+    bitsandbytes' temporaries: +41 MB quantizing a 16 MB matrix, measured), never the whole
+    4-bit base. Measured: one process +191 MiB, each rank +157-160 MiB, the model 90 MiB."""
+    root, _ = qlora_mid_runs
+    summary = json.loads((root / "fsdp" / "summary.json").read_text())
+    single = json.loads((root / "single" / "summary.json").read_text())
+    assert summary["fsdp_sharded_load"] is True
+    h, i, v, n = (QMID[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                    "num_hidden_layers"))
+    kv = h // QMID["num_attention_heads"] * QMID["num_key_value_heads"]
+    codes = n * (2 * h * h + 2 * h * kv + 3 * h * i) // 2  # 4 bits a weight
+    model_bytes = codes + 2 * v * h * 4  # + the float32 embedding and head
+    single_load = single["load_peak_memory_bytes"]
+    assert single_load >= model_bytes, (single_load, model_bytes)
+    # what one process needs beyond the model: the tensor in flight (read, float32 copy,
+    # bitsandbytes' temporaries: ~5x an MLP matrix's 16 MB here) and allocator slack
+    in_flight = single_load - model_bytes
+    per_rank = summary["per_rank"]["load_peak_memory_bytes"]
+    assert len(per_rank) == 2
+    for load in per_rank:
+        # half the model, the same tensor in flight, and FSDP's own (DTensors, gloo buffers)
+        assert load <= model_bytes / 2 + in_flight + 24 * 2**20, (per_rank, single_load)
+        assert load <= single_load - model_bytes / 4, (per_rank, single_load)
+    assert json.loads((root / "fsdp" / "adapter" / "lorakit.json").read_text())[
+        "quantization"]["type"] == "nf4"
+    assert _max_diff(_adapter(root / "single" / "adapter"), _adapter(root / "fsdp" / "adapter")) <= TOL
+
+
 def test_qlora_fsdp_shards_the_4bit_base_and_equals_one_process(runs):
     root, _, _, qlora = runs
-    # a 4-bit base is quantized as it is read, whole, on each rank (then sharded)
+    # the ranks read their shard of the 4-bit base only (materialize_sharded)
     assert json.loads((root / "qlora_fsdp" / "summary.json").read_text())[
-        "fsdp_sharded_load"] is False
+        "fsdp_sharded_load"] is True
     assert json.loads((root / "qlora_fsdp" / "adapter" / "lorakit.json").read_text())[
         "quantization"]["type"] == "nf4"
     assert _max_diff(_adapter(qlora.adapter_dir), _adapter(root / "qlora_fsdp" / "adapter")) <= TOL
