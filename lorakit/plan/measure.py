@@ -95,6 +95,9 @@ def run_measurement(spec: MeasureSpec) -> dict:
                     train={"batch_size": spec.batch_size, "grad_checkpointing": spec.grad_checkpointing,
                            "precision": precision, "seed": spec.seed})
     torch.manual_seed(spec.seed)
+    # libraries the load imports (bitsandbytes alone is +116 MB resident) are not the run's
+    # memory: the baseline is taken with them loaded, as lorakit train measures its load
+    common.import_heavy_modules(spec.model, quantized=cfg.quantized)
     if spec.max_rss_gib:
         _guard_rss(int(spec.max_rss_gib * 2**30))
     gc.collect()

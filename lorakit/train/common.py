@@ -736,6 +736,11 @@ def import_heavy_modules(spec, fsdp: bool = False, quantized: bool = False) -> N
     if fsdp:
         import torch.distributed.fsdp  # noqa: F401
         import torch.distributed.tensor  # noqa: F401
+    # reading the config may have converted a GGUF file first (the embedded default's cache):
+    # hand its freed heap back, or the load would reuse it unseen by the resident size
+    from lorakit.models.stream import release_freed_memory
+
+    release_freed_memory()
 
 
 def reset_peak_memory(device: torch.device) -> int:
