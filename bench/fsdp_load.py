@@ -2,13 +2,14 @@
 (issue 18: "a rank never holds more than its share of the base plus one layer in flight").
 
 Writes the checkpoint once (``tests/checkpoints.py``, bf16 shards; TinyLlama-1.1B shapes by
-default), then trains one step of LoRA (r=16 all-linear, batch 1 per process, 128-token rows)
+default), then trains one step of LoRA or QLoRA (``--method``; r=16 all-linear, batch 1 per process, 128-token rows)
 twice, each as a user runs it: ``lorakit train`` (one process) and ``lorakit train --nproc N
 train.strategy=fsdp`` (N processes, gloo on CPU). Reports from each run's summary.json the
 load's peak above the resident size before it (model built, adapter added, sharded) and the
 whole run's peak, per rank.
 
     .venv/bin/python bench/fsdp_load.py --ckpt /tmp/bigckpt/tinyllama [--nproc 2] [--precision fp32]
+    .venv/bin/python bench/fsdp_load.py --ckpt /tmp/bigckpt/tinyllama --method qlora
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ def main() -> None:
     ap.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS))
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fsdp_load.json"))
+    ap.add_argument("--method", default="lora", choices=["lora", "qlora"],
+                    help="qlora: an NF4 base, which each rank also loads sharded")
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/fsdp_load.json (lora), fsdp_load_qlora.json")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / (
+        "fsdp_load.json" if args.method == "lora" else f"fsdp_load_{args.method}.json"))
     ckpt = Path(args.ckpt)
     if not (ckpt / "model.safetensors.index.json").is_file():
         t = time.perf_counter()
@@ -49,7 +55,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = sum(json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]
                  .values()) // 2  # bf16 bytes / 2
-    common = [f"model={ckpt}", f"data.train={data}", "data.max_length=128", "data.packing=false",
+    common = [f"model={ckpt}", f"method={args.method}", f"data.train={data}", "data.max_length=128", "data.packing=false",
               "train.grad_accum=1", f"train.precision={args.precision}", "lora.r=16",
               "lora.alpha=32", "train.max_steps=1", "train.save_every=null",
               "train.eval_every=null", "eval.after_train=false", "--no-progress"]
@@ -76,6 +82,7 @@ def main() -> None:
                       "run_peak_gib": [round(b / GIB, 3) for b in per["peak_memory_bytes"]]}
         print(name, runs[name], file=sys.stderr)
     result = {"checkpoint": str(ckpt), "parameters": params, "precision": args.precision,
+              "method": args.method,
               "fp32_base_gib": round(params * 4 / GIB, 3), "runs": runs}
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
