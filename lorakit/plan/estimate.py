@@ -35,7 +35,8 @@ activation element: 2 in bf16/fp16, 4 in fp32):
   and, while its backward runs, two more fp32 ``V``-wide buffers: ``12 V`` bytes per token.
   Gradient checkpointing keeps only each layer's input (``e h`` per token) plus one layer's
   full set while it is recomputed. The sum is multiplied by the allocator factor of the device
-  (measured, see :data:`ALLOCATOR_FACTOR`).
+  (measured, see :data:`ALLOCATOR_FACTOR`). QLoRA adds the dense temporary a 4-bit layer is
+  dequantized into for each matmul (``e x`` the largest decoder linear, one at a time).
 * **overhead** — GPU: the CUDA context and kernels (:data:`CUDA_CONTEXT_GIB`) plus 5% of the
   rest for the caching allocator; CPU: the modules and tokenizer loading a model pulls in
   (measured: :data:`CPU_OVERHEAD_GIB`).
@@ -445,6 +446,11 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
         lora_dropout=lora_dropout if method != "full" else 0.0,
         r=r if method != "full" else 0, grad_checkpointing=grad_checkpointing,
         eager_attention=eager_attention)
+    if method == "qlora":
+        # bitsandbytes dequantizes a 4-bit weight into a dense temporary for each forward and
+        # backward matmul, one layer at a time (measured: a 11008 x 4096 layer's forward +
+        # backward peaks at 1.1-1.2x its 180 MB float32 weight)
+        act += e * facts["largest_linear"]
     state = weights + adapter + gradients + optim
 
     def overhead(rest: float) -> float:
