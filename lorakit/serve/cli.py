@@ -60,6 +60,10 @@ def add_parsers(subparsers) -> None:
                             "evicted and reloaded on demand (default: 8)")
     serve.add_argument("--max-batch-size", type=int, default=16, metavar="B",
                        help="requests decoded together (default: 16)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=4096, metavar="T",
+                       help="requests that arrive together are prefilled in one forward while "
+                            "rows x longest prompt stays within T tokens; 1 prefills each "
+                            "prompt alone (default: 4096)")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="L",
                        help="longest prompt + completion in tokens (default: the model's "
                             "max_position_embeddings)")
@@ -139,8 +143,9 @@ def run_serve(args, extend=None) -> int:
     from lorakit.serve.limits import Limits
     from lorakit.serve.monitor import RequestLog
 
-    if args.max_loaded_adapters < 1 or args.max_batch_size < 1:
-        raise ConfigError("--max-loaded-adapters and --max-batch-size must be >= 1")
+    if args.max_loaded_adapters < 1 or args.max_batch_size < 1 or args.max_prefill_tokens < 1:
+        raise ConfigError("--max-loaded-adapters, --max-batch-size and --max-prefill-tokens "
+                          "must be >= 1")
     if args.max_body_bytes < 1024 or args.max_upload_bytes < 1024:
         raise ConfigError("--max-body-bytes and --max-upload-bytes must be at least 1024")
     if args.request_timeout < 0 or args.shutdown_timeout < 0:
@@ -154,7 +159,8 @@ def run_serve(args, extend=None) -> int:
     base_name = args.served_model_name or args.model
     engine = Engine(model, tokenizer, base_name=base_name, adapter_root=args.adapter_root,
                     max_loaded_adapters=args.max_loaded_adapters,
-                    max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+                    max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                    max_prefill_tokens=args.max_prefill_tokens)
     engine.start()
     for name, path in args.adapter:
         engine.add_adapter(name, path, source="static",

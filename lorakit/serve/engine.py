@@ -3,8 +3,10 @@ r"""The serving engine: one base model, many LoRA adapters, continuous batching 
 One background thread owns the model. Each loop turn it
 
 1. applies adapter installs / removals that are ready (between forwards, so nothing races),
-2. admits waiting requests whose adapter is resident: each is prefilled alone (a batch of one,
-   so its prompt is computed exactly as if it ran alone) and its KV cache joins the batch,
+2. admits waiting requests whose adapter is resident: the ones admitted in the same turn are
+   prefilled together, one left-padded forward under their adapters (positions counted from
+   each row's first token, so a row computes what it computes alone, to float rounding), at
+   most ``max_prefill_tokens`` padded tokens per forward; their KV caches join the batch,
 3. runs one decode step for every running request together, under
    ``lorakit.mixed_batch(model, [adapter per row])``: N requests for N adapters cost one
    batched forward per token, not N,
@@ -180,13 +182,17 @@ class Engine:
         max_batch_size: rows decoded together.
         max_model_len: longest prompt + completion, in tokens (default: the model's
             ``max_position_embeddings``).
+        max_prefill_tokens: requests admitted together are prefilled in one forward while
+            rows x longest prompt stays within this (1: each prompt alone).
     """
 
     def __init__(self, model, tokenizer, *, base_name: str = "base",
                  adapter_root: str | Path | None = None, max_loaded_adapters: int = 8,
-                 max_batch_size: int = 16, max_model_len: int | None = None):
-        if max_loaded_adapters < 1 or max_batch_size < 1:
-            raise ConfigError("max_loaded_adapters and max_batch_size must be >= 1")
+                 max_batch_size: int = 16, max_model_len: int | None = None,
+                 max_prefill_tokens: int = 4096):
+        if max_loaded_adapters < 1 or max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ConfigError("max_loaded_adapters, max_batch_size and max_prefill_tokens must "
+                              "be >= 1")
         if getattr(model, "lorakit_adapters", None):
             raise ConfigError("pass the engine a base model without adapters; register adapters "
                               "with Engine.add_adapter(name, path)")
@@ -196,6 +202,7 @@ class Engine:
         self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
         self.max_loaded_adapters = max_loaded_adapters
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         config_len = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(max_model_len or config_len)
         self.device = next(model.parameters()).device
@@ -223,7 +230,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"steps": 0, "step_rows": 0, "adapter_loads": 0, "adapter_evictions": 0,
-                      "row_errors": 0, "adapter_faults": 0}
+                      "row_errors": 0, "adapter_faults": 0, "prefills": 0, "prefill_rows": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -645,11 +652,70 @@ class Engine:
             if event[0] == "done":
                 req.finish_reason = "cancelled"
             req.end(event)
-        for req in admitted:
+        for group in self._prefill_groups(admitted):
+            self._prefill_together(group)
+
+    def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Consecutive groups whose padded prefill (rows x longest prompt) fits
+        ``max_prefill_tokens`` (a longer prompt gets a group of its own)."""
+        groups, current, longest = [], [], 0
+        for req in reqs:
+            n = len(req.prompt_ids)
+            if current and (len(current) + 1) * max(longest, n) > self.max_prefill_tokens:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(req)
+            longest = max(longest, n)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _prefill_together(self, reqs: list[Request]) -> None:
+        """Prefill ``reqs`` in one left-padded forward; if it raises, each alone (so only the
+        requests whose adapter is at fault fail)."""
+        if len(reqs) > 1:
+            from transformers import DynamicCache
+
+            width = max(len(r.prompt_ids) for r in reqs)
+            ids = torch.zeros((len(reqs), width), dtype=torch.long)
+            mask = torch.zeros((len(reqs), width), dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            try:
+                logits, cache = self._forward([r.slot for r in reqs], ids, mask, positions,
+                                              DynamicCache())
+            except Exception:  # noqa: BLE001 - retried one by one below, faults found there
+                pass
+            else:
+                self.stats["prefills"] += 1
+                self.stats["prefill_rows"] += len(reqs)
+                self._start_rows(reqs, logits, cache, mask)
+                return
+        for req in reqs:
             try:
                 self._prefill(req)
             except Exception as exc:  # noqa: BLE001 - only this request fails
                 self._row_fault([req], exc, "prefill")
+
+    def _start_rows(self, reqs: list[Request], logits, cache, mask: torch.Tensor) -> None:
+        """Sample each prefilled row's first token; the rows that go on join the batch."""
+        keep = []
+        for i, (req, token) in enumerate(zip(reqs, self._sample(reqs, logits))):
+            if isinstance(token, Exception):
+                self._sample_failed(req, token)
+            elif not self._emit(req, token):  # not finished on its first token
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(reqs):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask.index_select(0, index)
+            mask = _trim_shared_padding(mask, cache)
+        self._join([reqs[i] for i in keep], cache, mask)
 
     @torch.no_grad()
     def _forward(self, slots: list, input_ids, mask, positions, cache):
@@ -709,20 +775,16 @@ class Engine:
         mask = torch.ones((1, n), dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         logits, cache = self._forward([req.slot], ids, mask, positions, DynamicCache())
-        token = self._sample([req], logits)[0]
-        if isinstance(token, Exception):
-            self._sample_failed(req, token)
-            return
-        if self._emit(req, token):
-            return  # finished on its first token
-        self._join(req, cache, mask)
+        self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += 1
+        self._start_rows([req], logits, cache, mask)
 
-    def _join(self, req: Request, cache, mask: torch.Tensor) -> None:
-        """Append one prefilled row to the batch, left-padding the shorter side."""
+    def _join(self, reqs: list[Request], cache, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the batch, left-padding the shorter side."""
         from transformers import DynamicCache
 
         if not self._rows:
-            self._rows, self._cache, self._mask = [req], cache, mask
+            self._rows, self._cache, self._mask = list(reqs), cache, mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = []
@@ -732,7 +794,7 @@ class Engine:
             layers.append((keys, values))
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self._rows.append(req)
+        self._rows.extend(reqs)
 
     def _decode_step(self) -> None:
         rows = self._rows
@@ -780,13 +842,7 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         self._cache.batch_select_indices(index)
-        self._mask = self._mask.index_select(0, index)
-        lead = int((self._mask.cumsum(dim=1) == 0).sum(dim=1).min())  # shared left padding
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, lead:]
-                layer.values = layer.values[:, :, lead:]
+        self._mask = _trim_shared_padding(self._mask.index_select(0, index), self._cache)
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list:
         """One token per row: argmax for temperature 0, else top-p sampling with the
@@ -856,6 +912,18 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
+def _trim_shared_padding(mask: torch.Tensor, cache) -> torch.Tensor:
+    """Cut the left columns that are padding in every row, from ``mask`` and from ``cache``'s
+    keys and values (in place); returns the mask."""
+    lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+    if lead:
+        mask = mask[:, lead:]
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, lead:]
+            layer.values = layer.values[:, :, lead:]
+    return mask
+
+
 def _left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
     """Zero-pad ``t`` on the left of ``dim`` to ``width`` (keys/values: dim -2; masks: dim 1)."""
     missing = width - t.shape[dim]

@@ -66,6 +66,55 @@ def test_alone_equals_mixed_at_engine_level(server):
     assert [r["token_ids"] for r in results] == alone
 
 
+def test_requests_admitted_together_prefill_in_one_forward_as_alone(server, monkeypatch):
+    """Requests that arrive together are prefilled as one left-padded batch (mixed adapters,
+    different prompt lengths, one finishing on its first token) and decode the tokens each
+    decodes alone."""
+    engine = server["engine"]
+    tok = engine.tokenizer
+    jobs = [("a0", "Hi", 4), ("a1", "A much longer question about the weather today?", 9),
+            (None, "Why?", 1), ("a2", "Tell me a joke about cats and dogs", 6), ("a0", "Ok", 5)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for *_, n in jobs]
+    alone = [engine.generate(_ids(tok, t), a, p)["token_ids"] for (a, t, _), p in zip(jobs, params)]
+    real_admit, gate = engine._admit, threading.Event()
+
+    def admit_when_all_wait():  # hold admission until every request is queued
+        if not gate.is_set():
+            with engine._lock:
+                if len(engine._waiting) < len(jobs):
+                    return
+            gate.set()
+        real_admit()
+
+    monkeypatch.setattr(engine, "_admit", admit_when_all_wait)
+    before = dict(engine.stats)
+    results = [None] * len(jobs)
+
+    def run(i):
+        a, t, _ = jobs[i]
+        results[i] = engine.generate(_ids(tok, t), a, params[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r["token_ids"] for r in results] == alone
+    assert engine.stats["prefills"] - before["prefills"] == 1  # one forward for all five
+    assert engine.stats["prefill_rows"] - before["prefill_rows"] == len(jobs)
+
+
+def test_prefill_groups_respect_the_token_budget(server, monkeypatch):
+    from lorakit.serve.engine import Request
+
+    engine = server["engine"]
+    monkeypatch.setattr(engine, "max_prefill_tokens", 20)
+    reqs = [Request([1] * n, None, SamplingParams(), lambda e: None) for n in (4, 5, 8, 30, 2)]
+    groups = engine._prefill_groups(reqs)
+    # 3 rows x 8 = 24 > 20: a new group at the 8-token prompt; a 30-token prompt alone
+    assert [[len(r.prompt_ids) for r in g] for g in groups] == [[4, 5], [8], [30], [2]]
+
+
 @pytest.mark.parametrize("text, stops, safe", [
     ("hello wor", ["world"], 6),       # "wor" may become "world": hold it back
     ("hello", ["xyz"], 5),
