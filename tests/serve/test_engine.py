@@ -14,6 +14,22 @@ def _ids(tokenizer, text="Count to ten."):
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def _concurrently(engine, jobs, params) -> list[list[int]]:
+    """Each (adapter, text, _) job generated from its own thread, all at once: token ids."""
+    results = [None] * len(jobs)
+
+    def run(i):
+        a, t, _ = jobs[i]
+        results[i] = engine.generate(_ids(engine.tokenizer, t), a, params[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [r["token_ids"] for r in results]
+
+
 def test_hot_load_does_not_stall_generation(server, serve_env, monkeypatch):
     """While an adapter's files are being read (held open here), running requests finish."""
     engine = server["engine"]
@@ -50,20 +66,9 @@ def test_alone_equals_mixed_at_engine_level(server):
     tok = engine.tokenizer
     jobs = [("a0", "Hi", 3), ("a1", "A much longer question about the weather today?", 12),
             (None, "Why?", 7), ("a2", "Tell me a joke about cats and dogs", 5)]
-    alone = [engine.generate(_ids(tok, t), a, SamplingParams(max_tokens=n, temperature=0))
-             ["token_ids"] for a, t, n in jobs]
-    results = [None] * len(jobs)
-
-    def run(i):
-        a, t, n = jobs[i]
-        results[i] = engine.generate(_ids(tok, t), a, SamplingParams(max_tokens=n, temperature=0))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert [r["token_ids"] for r in results] == alone
+    params = [SamplingParams(max_tokens=n, temperature=0) for *_, n in jobs]
+    alone = [engine.generate(_ids(tok, t), a, p)["token_ids"] for (a, t, _), p in zip(jobs, params)]
+    assert _concurrently(engine, jobs, params) == alone
 
 
 def test_requests_admitted_together_prefill_in_one_forward_as_alone(server, monkeypatch):
@@ -88,18 +93,7 @@ def test_requests_admitted_together_prefill_in_one_forward_as_alone(server, monk
 
     monkeypatch.setattr(engine, "_admit", admit_when_all_wait)
     before = dict(engine.stats)
-    results = [None] * len(jobs)
-
-    def run(i):
-        a, t, _ = jobs[i]
-        results[i] = engine.generate(_ids(tok, t), a, params[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert [r["token_ids"] for r in results] == alone
+    assert _concurrently(engine, jobs, params) == alone
     assert engine.stats["prefills"] - before["prefills"] == 1  # one forward for all five
     assert engine.stats["prefill_rows"] - before["prefill_rows"] == len(jobs)
 
