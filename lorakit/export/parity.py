@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.models.layerwise import input_device
-from lorakit.models.modules import kv_cache_argument
+from lorakit.models.modules import kv_cache_argument, left_padded, positions_from_mask
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -107,30 +107,14 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[i
     return tokens
 
 
-def _left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (1, T_i) stacked into (B, T) ids padded on the left (with token 0, masked out)
-    and their attention mask."""
-    width = max(s.shape[1] for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - s.shape[1]:] = s[0]
-        mask[row, width - s.shape[1]:] = 1
-    return ids, mask
-
-
-def _forward(model, ids, mask, past=None):
-    """One forward of a left-padded batch: positions counted from each row's first real
-    token (so a row computes what it computes alone), KV cache kept."""
+def _forward(model, ids, mask, past=None, cache_arg: str | None = None):
+    """One forward of a left-padded batch (positions from the mask, so a row computes what it
+    computes alone), KV cache kept."""
     device = input_device(model)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-    cache = {} if past is None else {kv_cache_argument(model): past}
+    positions = positions_from_mask(mask)[:, -ids.shape[1]:]
+    cache = {} if past is None else {cache_arg or kv_cache_argument(model): past}
     return model(input_ids=ids.to(device), attention_mask=mask.to(device),
                  position_ids=positions.to(device), use_cache=True, **cache)
-
-
-def _cache_of(model, out):
-    return getattr(out, kv_cache_argument(model))
 
 
 @torch.no_grad()
@@ -139,7 +123,8 @@ def greedy_batch(model, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> 
     KV cache: ``max_new_tokens`` forwards in all, however many prompts (what makes the gate
     affordable for a model run layer by layer, where a forward reads every weight). No stop at
     EOS, so two models are compared over the same number of steps."""
-    ids, mask = _left_padded(prompt_ids)
+    ids, mask, _ = left_padded(p[0].tolist() for p in prompt_ids)
+    cache_arg = kv_cache_argument(model)
     out = _forward(model, ids, mask)
     tokens = []
     for step in range(max_new_tokens):
@@ -147,7 +132,7 @@ def greedy_batch(model, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> 
         tokens.append(nxt)
         if step + 1 < max_new_tokens:
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            out = _forward(model, nxt, mask, _cache_of(model, out))
+            out = _forward(model, nxt, mask, getattr(out, cache_arg), cache_arg)
     del out
     if not tokens:
         return [[] for _ in prompt_ids]
@@ -174,7 +159,7 @@ def model_outputs(model, prompt_ids: list[torch.Tensor], max_new_tokens: int = 1
                  for ids, t in zip(prompt_ids, tokens)]
     else:
         fulls = [f["full"] for f in follow]
-    ids, mask = _left_padded(fulls)
+    ids, mask, _ = left_padded(f[0].tolist() for f in fulls)
     logits = _forward(model, ids, mask).logits.float().cpu()
     return [{"tokens": t, "full": full, "logits": logits[row, ids.shape[1] - full.shape[1]:]}
             for row, (t, full) in enumerate(zip(tokens, fulls))]

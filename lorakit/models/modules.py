@@ -38,3 +38,25 @@ def kv_cache_argument(model: nn.Module) -> str:
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters \
         else "past_key_values"
+
+
+def left_padded(rows) -> tuple:
+    """Token rows of different lengths (sequences of ints) as one (B, T) batch padded on the
+    left with token 0, its attention mask (1 = real token) and position ids counted from each
+    row's first real token (so a row computes what it computes alone)."""
+    import torch
+
+    rows = [list(r) for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask, positions_from_mask(mask)
+
+
+def positions_from_mask(mask):
+    """Position ids of a left-padded (B, T) attention mask: real tokens count 0, 1, ...;
+    padding gets 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -364,9 +364,10 @@ class Deferred:
     device: torch.device  # where the weights (and adapters created meanwhile) go
     # checkpoint name -> (model name, dtype to read it in (None: as stored), [(module, attr)])
     slots: dict[str, tuple[str, torch.dtype | None, list[tuple[nn.Module, str]]]]
-    # checkpoint name -> how to quantize it (``{"type", "double_quant", "block_size",
-    # "conv1d"}``): the weights of a 4-bit base's linears, whose homes hold the packed codes
-    quantize: dict[str, dict] = field(default_factory=dict)
+    # checkpoint name -> was a GPT-2 Conv1D: the weights of a 4-bit base's linears, whose
+    # homes hold the packed codes, quantized when read with ``quantization``'s settings
+    quantize: dict[str, bool] = field(default_factory=dict)
+    quantization: dict | None = None
 
 
 def _unique_tensors(model: nn.Module, mapping: dict[str, str]):
@@ -413,12 +414,9 @@ def _deferred(model: nn.Module, layout: Layout, mapping: dict[str, str], device,
             homes.append((model.get_submodule(path), attr))
         if target in planned:
             want = dtype  # the codes' home is uint8; the weight is read in the model's dtype
-            quantize[name] = {"type": quantization["type"],
-                              "double_quant": quantization["double_quant"],
-                              "block_size": quantization["block_size"],
-                              "conv1d": planned[target]}
+            quantize[name] = planned[target]
         slots[name] = (target, want, homes)
-    return Deferred(layout, torch.device(device), slots, quantize)
+    return Deferred(layout, torch.device(device), slots, quantize, quantization)
 
 
 def _quantized_codes(deferred: Deferred, name: str, dense: torch.Tensor,
@@ -428,9 +426,9 @@ def _quantized_codes(deferred: Deferred, name: str, dense: torch.Tensor,
     the weight at the first forward, also after FSDP replaced the parameter by its shard)."""
     from lorakit.models import quantize as qz
 
-    how = deferred.quantize[name]
+    how = deferred.quantization
     try:
-        codes, state = qz.quantize_4bit_codes(dense.t() if how["conv1d"] else dense,
+        codes, state = qz.quantize_4bit_codes(dense.t() if deferred.quantize[name] else dense,
                                               quant_type=how["type"],
                                               double_quant=how["double_quant"],
                                               block_size=how["block_size"])

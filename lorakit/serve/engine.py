@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from lorakit.errors import AdapterError, ConfigError, LorakitError
-from lorakit.models.modules import kv_cache_argument
+from lorakit.models.modules import kv_cache_argument, left_padded
 from lorakit.serve import adapters as adapter_files
 
 
@@ -676,14 +676,8 @@ class Engine:
         if len(reqs) > 1:
             from transformers import DynamicCache
 
-            width = max(len(r.prompt_ids) for r in reqs)
-            ids = torch.zeros((len(reqs), width), dtype=torch.long)
-            mask = torch.zeros((len(reqs), width), dtype=torch.long)
-            for i, r in enumerate(reqs):
-                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                mask[i, width - len(r.prompt_ids):] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            ids, mask, positions = (t.to(self.device) for t in
+                                    left_padded(r.prompt_ids for r in reqs))
             try:
                 logits, cache = self._forward([r.slot for r in reqs], ids, mask, positions,
                                               DynamicCache())
