@@ -406,6 +406,23 @@ def materialize_sharded(module: nn.Module, deferred) -> None:
                              f"{unset[0]!r} ({len(unset)} missing); re-download it")
 
 
+def held_bytes(model: nn.Module) -> int:
+    """The bytes of parameters and buffers this process holds: under FSDP its shard of each
+    (``DTensor.to_local``), otherwise the whole tensor; storage shared by tied weights counts
+    once. The deterministic half of "each rank holds only its shard" (peak memory adds what
+    was in flight and the allocator's slack)."""
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if t.is_meta or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.untyped_storage().nbytes()
+    return total
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one: the decoder blocks (transformers names their
     classes in ``model._no_split_modules``). Whatever is left (embeddings, final norm, the

@@ -288,7 +288,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
     adapter_state = dist.gather_adapter(model) if dist.enabled and cfg.method != "full" else None
     summary = _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, device,
                        stopped_early, data_stats, dist)
-    summary.update(_memory_summary(dist, device, load_peak, sharded))
+    summary.update(_memory_summary(dist, device, load_peak, sharded, model))
     if dist.is_main:
         _write_final(cfg, model, tokenizer, run_dir, loop, adapter_state, summary)
         steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as artifact
@@ -331,18 +331,23 @@ def _summary(cfg, loop, order, final_eval, counts, precision, precision_reason, 
     }
 
 
-def _memory_summary(dist, device, load_peak: int, sharded: bool) -> dict:
+def _memory_summary(dist, device, load_peak: int, sharded: bool, model) -> dict:
     """The load's peak above the memory in use before it (the model built, the adapter added,
-    sharded) and, with several processes, every rank's load and run peaks (a collective:
-    every rank calls it)."""
-    out = {"load_peak_memory_bytes": load_peak}
+    sharded), the bytes of weights held and, with several processes, every rank's load peak,
+    run peak and weights held (a collective: every rank calls it)."""
+    from lorakit.train.distributed import held_bytes
+
+    held = held_bytes(model)
+    out = {"load_peak_memory_bytes": load_peak, "model_bytes": held}
     if dist.enabled:
         run_peak = common.peak_memory_bytes(device)
-        mine = [0.0] * (2 * dist.world_size)
-        mine[dist.rank], mine[dist.world_size + dist.rank] = float(load_peak), float(run_peak)
+        w = dist.world_size
+        mine = [0.0] * (3 * w)
+        mine[dist.rank], mine[w + dist.rank] = float(load_peak), float(run_peak)
+        mine[2 * w + dist.rank] = float(held)
         both = [int(v) for v in dist.all_sum(mine)]
-        out["per_rank"] = {"load_peak_memory_bytes": both[:dist.world_size],
-                           "peak_memory_bytes": both[dist.world_size:]}
+        out["per_rank"] = {"load_peak_memory_bytes": both[:w],
+                           "peak_memory_bytes": both[w:2 * w], "model_bytes": both[2 * w:]}
         if dist.strategy == "fsdp":
             out["fsdp_sharded_load"] = sharded
     return out
