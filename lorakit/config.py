@@ -89,6 +89,15 @@ class ReplaySection(_Section):
     # null: the base model's own greedy answers to lorakit's bundled general instructions
     # (generated once, cached); a path: your own replay file (any training format)
     file: Optional[str] = None
+    # kl: match the frozen base's next-token distribution at every position of the replay
+    # examples (self-distillation: KL(base || tuned), the forgetting probe's own measure);
+    # ce: train on the replay answers as on any example (cross-entropy on the answer tokens);
+    # null: kl for adapters (lora, qlora), ce for method full (which keeps no frozen base)
+    loss: Optional[Literal["ce", "kl"]] = None
+
+    def loss_for(self, method: str) -> str:
+        """The replay loss a run of ``method`` uses (``loss``, or its default)."""
+        return self.loss or ("ce" if method == "full" else "kl")
 
 
 class DataSection(_Section):
@@ -241,6 +250,10 @@ class RunConfig(_Section):
             raise ValueError("data.replay mixes rehearsal examples into SFT data (method lora, "
                              "qlora or full); DPO trains on preference pairs: set "
                              "data.replay.fraction=0, or replay in the SFT run DPO starts from")
+        if self.data.replay.fraction and self.data.replay.loss == "kl" and self.method == "full":
+            raise ValueError("data.replay.loss=kl matches the frozen base model's distribution, "
+                             "which method full does not keep (it trains the base itself): "
+                             "use data.replay.loss=ce, or method lora / qlora")
         return self
 
     @model_validator(mode="after")

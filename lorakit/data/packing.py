@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, Sequence
 
-from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.data.tokenize import IGNORE_INDEX, distill_tensor
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -76,18 +76,25 @@ def pack_examples(tokenized: Sequence[dict], max_length: int) -> list[dict]:
         is ``-100``.
     """
     lengths = [min(len(t["input_ids"]), max_length) for t in tokenized]
+    distilled = any("distill" in t for t in tokenized)  # data.replay.loss=kl rows among them
     rows = []
     for members in best_fit_decreasing(lengths, max_length):
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
+        distill: list[int] = []
         for i in members:
             n = lengths[i]
             input_ids += tokenized[i]["input_ids"][:n]
             labels += [IGNORE_INDEX] + list(tokenized[i]["labels"][1:n])
             position_ids += range(n)
-        rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                     "example_indices": list(members)})
+            if distilled:  # like labels: never across the boundary with the previous example
+                distill += [0] + list(tokenized[i].get("distill", [0] * n)[1:n])
+        row = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+               "example_indices": list(members)}
+        if distilled:
+            row["distill"] = distill
+        rows.append(row)
     return rows
 
 
@@ -131,10 +138,10 @@ def collate_packed(rows: Sequence[dict], pad_id: int, mask: str = "position_ids"
 
     if mask not in ("position_ids", "4d"):
         raise ValueError(f"mask must be 'position_ids' or '4d', got {mask!r}")
+    keys = ("input_ids", "labels", "position_ids") + (
+        ("distill",) if any("distill" in r for r in rows) else ())
     if padding_free:
-        rows = [{"input_ids": [t for r in rows for t in r["input_ids"]],
-                 "labels": [t for r in rows for t in r["labels"]],
-                 "position_ids": [t for r in rows for t in r["position_ids"]]}]
+        rows = [{k: [t for r in rows for t in r.get(k, [0] * len(r["input_ids"]))] for k in keys}]
     length = max(len(r["input_ids"]) for r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -147,6 +154,8 @@ def collate_packed(rows: Sequence[dict], pad_id: int, mask: str = "position_ids"
         position_ids[b, :n] = torch.tensor(row["position_ids"], dtype=torch.long)
         position_ids[b, n:] = torch.arange(length - n)  # padding: a block of its own
     out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if "distill" in keys:  # positions matched to the base model (data.replay.loss=kl)
+        out["distill"] = distill_tensor(rows, length)
     if mask == "4d":
         out["attention_mask"] = block_causal_mask(position_ids, dtype)
     return out

@@ -19,6 +19,20 @@ run's tokenizer, chat template and ``max_length``; ``0 <= F < 1``). Where they c
 Selection is seeded (``train.seed``): the replay examples are shuffled and taken in turn,
 cycling when more tokens are needed than the set holds, and appended after the training
 examples (the training loop shuffles rows itself).
+
+How they are trained on (``data.replay.loss``):
+
+* ``ce`` (the default for ``method: full``) — as any training example: cross-entropy on the replay answers. With
+  self-generated answers that is the base's greedy token at each step, a one-hot target:
+  it pulls the model towards its own argmax and sharpens its distribution, so a large
+  fraction can raise the forgetting KL rather than lower it (docs/eval.md, measured).
+* ``kl`` (the default for adapters) — self-distillation: at every position of a replay example (instruction, template
+  and answer) the tuned model's next-token distribution ``q`` is pulled towards the frozen
+  base's ``p`` by ``KL(p || q)`` summed over the vocabulary, the quantity the forgetting
+  probe measures (lorakit/eval/forgetting.py). The base's ``p`` comes from a no-grad forward
+  of the same rows with the adapters switched off, so it costs one extra forward of the
+  replay rows and no stored targets. :func:`distill_rows` marks those positions; the loss is
+  :func:`lorakit.train.common.supervised_loss`.
 """
 
 from __future__ import annotations
@@ -150,6 +164,16 @@ def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: fl
     return list(train) + chosen, stats
 
 
+def distill_rows(tokenized: Sequence[dict]) -> list[dict]:
+    """Tokenised replay rows for ``data.replay.loss=kl``: no cross-entropy label, and a
+    ``distill`` flag aligned like ``labels`` (``distill[t] = 1``: the prediction of token
+    ``t`` from position ``t - 1`` is matched to the base), set on every token but the first."""
+    from lorakit.data.tokenize import IGNORE_INDEX
+
+    return [{**t, "labels": [IGNORE_INDEX] * len(t["input_ids"]),
+             "distill": [0] + [1] * (len(t["input_ids"]) - 1)} for t in tokenized]
+
+
 def token_counter(tokenizer, max_length: int | None, train_on: str = "all_assistant"):
     """``count_tokens`` for :func:`mix_replay`: token rows as training tokenizes them."""
     from lorakit.data.tokenize import tokenize_examples
@@ -185,5 +209,5 @@ def apply_replay(cfg, train: Sequence[Example], tokenizer, model, log: Callable[
                               seed=cfg.train.seed)
     log(f"replay: {stats['replay_examples']} examples, {stats['replay_tokens']:,} tokens from "
         f"{where} = {100 * stats['fraction']:.1f}% of training tokens (target "
-        f"{100 * replay_cfg.fraction:.0f}%)")
+        f"{100 * replay_cfg.fraction:.0f}%), data.replay.loss={replay_cfg.loss_for(cfg.method)}")
     return mixed

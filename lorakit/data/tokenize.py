@@ -452,4 +452,18 @@ def collate(batch: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None =
         input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any("distill" in item for item in batch):  # data.replay.loss=kl (lorakit/data/replay.py)
+        out["distill"] = distill_tensor(batch, length)
+    return out
+
+
+def distill_tensor(rows: Sequence[dict], length: int):
+    """(B, T) bool: the rows' ``distill`` flags, False for padding and rows without any."""
+    import torch
+
+    out = torch.zeros((len(rows), length), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        if "distill" in row:
+            out[b, :len(row["distill"])] = torch.tensor(row["distill"], dtype=torch.bool)
+    return out

@@ -185,7 +185,8 @@ def _summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 # (lorakit/config.py; docs/eval.md "Forgetting").
 REMEDIES = (
     "mix general data back in: data.replay.fraction=0.1 (the base's own answers to general "
-    "instructions; data.replay.file=FILE for your own)",
+    "instructions, matched to the base's distribution: data.replay.loss=kl, the default for "
+    "adapters; data.replay.file=FILE for your own)",
     "a lower learning rate: train.lr (e.g. half)",
     "a smaller rank: lora.r (e.g. 8)",
     "fewer adapted layers: lora.target_modules=[q_proj,v_proj]",

@@ -32,7 +32,9 @@ activation element: 2 in bf16/fp16, 4 in fp32):
   copies replace inputs that nothing else keeps): measured with saved-tensor hooks.
   Eager attention adds Korthikanti's ``5 a s`` term (scores, softmax, dropout mask) per token.
   The output head at the supervised positions (worst case: every token) keeps fp32 log-probs
-  and, while its backward runs, two more fp32 ``V``-wide buffers: ``12 V`` bytes per token.
+  and, while its backward runs, two more fp32 ``V``-wide buffers: ``12 V`` bytes per token;
+  ``16 V`` with ``data.replay.loss=kl`` (``distill``), whose rows also keep the base's fp32
+  log-probs as the KL target (worst case again: every row a replay row).
   Gradient checkpointing keeps only each layer's input (``e h`` per token) plus one layer's
   full set while it is recomputed. The sum is multiplied by the allocator factor of the device
   (measured, see :data:`ALLOCATOR_FACTOR`). QLoRA adds the dense temporary a 4-bit layer is
@@ -338,7 +340,7 @@ _ATTENTION_OUTPUTS = {"o_proj", "out_proj", "wo"}  # (GPT-2: attn.c_proj)
 
 def activation_bytes(facts: dict, targets: list, *, tokens: int, seq_len: int, e: int,
                      lora_dropout: float, r: int, grad_checkpointing: bool,
-                     eager_attention: bool = False) -> float:
+                     eager_attention: bool = False, distill: bool = False) -> float:
     """Bytes autograd keeps for one micro-batch of ``tokens`` tokens (see module docstring)."""
     h, q, kv, inter = facts["hidden"], facts["q_dim"], facts["kv_dim"], facts["intermediate"]
     layers = facts["layers"]
@@ -358,7 +360,8 @@ def activation_bytes(facts: dict, targets: list, *, tokens: int, seq_len: int, e
     per_token = e * elems + dropout
     if eager_attention:
         per_token += 5 * facts["heads"] * seq_len
-    head = 12 * facts["vocab"]  # fp32 log-probs kept + two fp32 buffers in its backward
+    # fp32 log-probs kept + two fp32 buffers in its backward (+ the base's log-probs, for KL)
+    head = (16 if distill else 12) * facts["vocab"]
     if grad_checkpointing:
         return tokens * (layers * e * h + per_token + head)
     return tokens * (layers * per_token + head)
@@ -372,7 +375,7 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
              device: str = "cuda", examples: int | None = None,
              avg_tokens: float | None = None, epochs: float = 1.0, gpu: str | None = None,
              price_per_hour: float | None = None, mfu: float | None = None,
-             eager_attention: bool = False) -> Estimate:
+             eager_attention: bool = False, distill: bool = False) -> Estimate:
     """Memory per GPU, the GPU setups that fit, time and cost of one training configuration.
 
     Args:
@@ -392,6 +395,7 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
         price_per_hour: $/GPU-hour instead of the built-in table.
         mfu: model FLOPs utilisation instead of :data:`DEFAULT_MFU`.
         eager_attention: the model keeps ``s x s`` attention scores (no SDPA/flash).
+        distill: replay rows matched to the base's distribution (``data.replay.loss=kl``).
 
     Raises:
         ConfigError: unknown model/preset, method, optimizer or GPU; impossible settings.
@@ -447,7 +451,7 @@ def estimate(model: str = "smollm2-135m", *, config=None, method: str = "lora", 
         facts, layout["targets"], tokens=seq_len * batch_size, seq_len=seq_len, e=e,
         lora_dropout=lora_dropout if method != "full" else 0.0,
         r=r if method != "full" else 0, grad_checkpointing=grad_checkpointing,
-        eager_attention=eager_attention)
+        eager_attention=eager_attention, distill=distill)
     if method == "qlora":
         # bitsandbytes dequantizes a 4-bit weight into a dense temporary for each forward and
         # backward matmul, one layer at a time (measured: a 11008 x 4096 layer's forward +

@@ -52,7 +52,9 @@ def estimate_run(cfg, device, precision: str, **changes):
                     grad_checkpointing=cfg.train.grad_checkpointing,
                     precision=precision if precision in ("bf16", "fp16", "fp32") else "fp32",
                     lora_dropout=cfg.lora.dropout, use_dora=cfg.lora.dora,
-                    device="cuda" if device.type == "cuda" else "cpu")
+                    device="cuda" if device.type == "cuda" else "cpu",
+                    distill=bool(cfg.data.replay.fraction)
+                    and cfg.data.replay.loss_for(cfg.method) == "kl")
     optimizer = getattr(cfg.train, "optimizer", None)
     if optimizer:  # the optimizer the run will use (train.optimizer, where the config has it)
         settings["optimizer"] = optimizer

@@ -238,27 +238,68 @@ def default_device() -> torch.device:
 
 
 # ---------------------------------------------------------------------- loss
-def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
+                    always_base: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of ``batch`` and their count.
 
     The output head (a vocabulary-sized matmul, a large share of a small model's compute)
     runs only at positions whose next token is supervised, instead of at every position as
     ``model(..., labels=...)`` does. The maths is the same.
 
+    With a ``distill`` mask in the batch (``data.replay.loss=kl``, lorakit/data/replay.py),
+    the positions it marks add ``KL(p_base || q)`` (nats, summed over the vocabulary) and
+    count as tokens too; ``p_base`` comes from a no-grad forward of those rows with the
+    adapters off. ``always_base`` (FSDP, where every rank must run the same forwards): run
+    that forward whenever the batch carries a ``distill`` mask, even with no position marked.
+
     Returns:
         (loss_sum, n_tokens): divide by the tokens of the whole accumulated step, so the loss
         is the mean over supervised tokens across gradient accumulation.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    distill = batch.get("distill")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "distill")}
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX
     n_tokens = int(mask.sum())
-    if n_tokens == 0:
+    kl_mask = distill[:, 1:] if distill is not None else None
+    n_kl = int(kl_mask.sum()) if kl_mask is not None else 0
+    base_forward = bool(n_kl) or (always_base and kl_mask is not None)
+    if n_tokens + n_kl == 0 and not base_forward:
         return hidden.sum() * 0.0, 0
-    logits = head_logits(model, hidden[:, :-1][mask])  # (N, V)
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), n_tokens
+    loss = hidden.sum() * 0.0
+    if n_tokens:
+        logits = head_logits(model, hidden[:, :-1][mask])  # (N, V)
+        loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+    if base_forward:
+        loss = loss + distill_kl(model, inputs, hidden, kl_mask)
+    return loss, n_tokens + n_kl
+
+
+def distill_kl(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
+               kl_mask: torch.Tensor) -> torch.Tensor:
+    """``sum KL(p_base || q)`` over the positions ``kl_mask`` (B, T-1) marks: ``q`` from the
+    tuned model's ``hidden`` (B, T, H), ``p_base`` from the same rows run again without
+    gradient, with the adapters switched off and in eval mode (no dropout: the base as the
+    forgetting probe sees it), only the rows that have such a position."""
+    from lorakit.lora.inject import disable_adapters
+
+    rows = kl_mask.any(dim=1)
+    if not rows.any():  # always_base with nothing to match here: the forward on one row
+        rows = rows.clone()
+        rows[0] = True
+    sub = {k: v[rows] for k, v in inputs.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), disable_adapters(model):
+            base_hidden = model.base_model(**sub, use_cache=False).last_hidden_state
+            log_p = F.log_softmax(head_logits(model, base_hidden[:, :-1][kl_mask[rows]]), dim=-1)
+    finally:
+        model.train(was_training)
+    log_q = F.log_softmax(head_logits(model, hidden[:, :-1][kl_mask]), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -272,7 +313,12 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """Tokens the loss is taken over: supervised labels, plus positions matched to the base
+    (``distill``, data.replay.loss=kl)."""
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if batch.get("distill") is not None:
+        n += int(batch["distill"][:, 1:].sum())
+    return n
 
 
 # ---------------------------------------------------------------------- optimizer / schedule

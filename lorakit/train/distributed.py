@@ -175,6 +175,7 @@ class Dist:
         if not self.enabled:
             return loss_module
         if self.strategy == "fsdp":
+            loss_module.same_forwards = True  # see LossModule
             _shard_fsdp(loss_module, self)
             deferred = getattr(model, "lorakit_deferred", None)
             if deferred is not None:
@@ -263,11 +264,15 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.touch_all_trainable = False  # set for DDP, see forward
+        # set for FSDP: every rank runs the same forwards, as each one all-gathers the
+        # shards; with data.replay.loss=kl a rank runs the base's no-grad forward even when
+        # its share of the batch has no replay row (another rank's may)
+        self.same_forwards = False
 
     def forward(self, batch: dict[str, torch.Tensor]):
         from lorakit.train import common
 
-        loss_sum, n = common.supervised_loss(self.model, batch)
+        loss_sum, n = common.supervised_loss(self.model, batch, always_base=self.same_forwards)
         if n == 0 and self.touch_all_trainable and torch.is_grad_enabled():
             # a rank with no supervised token (an empty share of the batch) still has to give
             # every trainable parameter a (zero) gradient, or DDP waits for it forever
@@ -500,7 +505,10 @@ def convert_position(micro_index: int, n_rows: int, old_rows: int, new_rows: int
 
 def empty_row(row: dict) -> dict:
     """A copy of ``row`` with no supervised token (for a rank with nothing to do this step)."""
-    return {**row, "labels": [-100] * len(row["labels"])}
+    out = {**row, "labels": [-100] * len(row["labels"])}
+    if "distill" in row:  # nor a position matched to the base (data.replay.loss=kl)
+        out["distill"] = [0] * len(row["distill"])
+    return out
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

@@ -57,14 +57,24 @@ def prepare_rows(cfg: RunConfig, tokenizer, log, model=None) -> tuple[list[dict]
 
     train, evals = common.load_train_and_eval(
         cfg, log, expected="a JSONL/JSON file, e.g. data.train=train.jsonl")
+    distill_from = None  # data.replay.loss=kl: the replay examples, appended after train
     if cfg.data.replay.fraction:
         from lorakit.data.replay import apply_replay
 
+        n_task = len(train)
         train = apply_replay(cfg, train, tokenizer, model, log)
+        distill_from = n_task if cfg.data.replay.loss_for(cfg.method) == "kl" else None
 
-    def rows_of(examples, what):
+    def rows_of(examples, what, distill_from=None):
         tokenized = tokenize_examples(examples, tokenizer, cfg.data.max_length, cfg.data.train_on)
-        usable = [t for t in tokenized if any(l != common.IGNORE_INDEX for l in t["labels"][1:])]
+        if distill_from is not None:
+            from lorakit.data.replay import distill_rows
+
+            # every row carries the mask (zeros for the task's), so every batch has one
+            tokenized = ([{**t, "distill": [0] * len(t["input_ids"])} for t in tokenized[:distill_from]]
+                         + distill_rows(tokenized[distill_from:]))
+        usable = [t for t in tokenized if any(l != common.IGNORE_INDEX for l in t["labels"][1:])
+                  or any(t.get("distill", ())[1:])]
         if len(usable) < len(tokenized):
             log(f"{what}: {len(tokenized) - len(usable)} examples have no supervised token "
                 f"within max_length={cfg.data.max_length} and are skipped")
@@ -72,7 +82,7 @@ def prepare_rows(cfg: RunConfig, tokenizer, log, model=None) -> tuple[list[dict]
             return pack_examples(usable, cfg.data.max_length), usable
         return usable, usable
 
-    train_rows, train_tok = rows_of(train, "train")
+    train_rows, train_tok = rows_of(train, "train", distill_from)
     if not train_rows:
         raise DataError(f"{cfg.data.train}: no usable training example")
     eval_rows, _ = rows_of(evals, "eval") if evals else ([], [])
@@ -90,7 +100,7 @@ def make_batch(rows: list[dict], idx: list[int], pad_id: int, packed: bool, devi
     chosen = [rows[i] for i in idx] if idx else [distributed.empty_row(rows[0])]
     batch = collate_packed(chosen, pad_id) if packed else collate(chosen, pad_id)
     return {k: v.to(device) for k, v in batch.items() if k in
-            ("input_ids", "labels", "position_ids", "attention_mask")}
+            ("input_ids", "labels", "position_ids", "attention_mask", "distill")}
 
 
 @torch.no_grad()

@@ -141,3 +141,106 @@ def test_training_mixes_replay_in(eval_base_dir, tmp_path, capsys):
     assert "replay:" in err and str(own) in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_examples"] > 30  # the 30 training examples and the replay ones
+
+
+def test_kl_replay_rows_carry_distill_flags_through_packing_and_collate():
+    from lorakit.data.packing import collate_packed, pack_examples
+    from lorakit.data.tokenize import IGNORE_INDEX, collate
+
+    task = {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]}
+    (rep,) = replay.distill_rows([{"input_ids": [9, 10, 11], "labels": [IGNORE_INDEX, 10, 11]}])
+    assert rep["labels"] == [IGNORE_INDEX] * 3 and rep["distill"] == [0, 1, 1]
+    (row,) = pack_examples([task, rep], max_length=16)
+    by_example = dict(zip(row["example_indices"], (slice(0, 4), slice(4, 7)) if
+                          row["example_indices"] == [0, 1] else (slice(3, 7), slice(0, 3))))
+    assert row["distill"][by_example[0]] == [0, 0, 0, 0]
+    assert row["distill"][by_example[1]] == [0, 1, 1]  # never across the example boundary
+    packed = collate_packed([row, {**row, "input_ids": row["input_ids"][:2], "labels": row["labels"][:2],
+                                   "position_ids": [0, 1], "distill": row["distill"][:2]}], pad_id=0)
+    assert packed["distill"].dtype == torch.bool and packed["distill"][0].tolist() == [bool(d) for d in row["distill"]]
+    assert not packed["distill"][1, 2:].any()  # padding is never matched
+    plain = collate([task, rep], pad_id=0)
+    assert plain["distill"].tolist() == [[False] * 4, [False, True, True, False]]
+    assert "distill" not in collate([task], pad_id=0)  # ce replay and plain data: no mask
+
+
+def test_kl_replay_loss_is_the_kl_to_the_base_at_the_marked_positions(tiny):
+    """``data.replay.loss=kl``: zero (and no gradient) while the adapter is the identity,
+    and, once it is not, the summed KL(base || tuned) of the marked positions, computed here
+    from two whole-model forwards (HF's own head at every position), plus the cross-entropy
+    of the supervised ones; the count adds the marked positions."""
+    from lorakit.lora.config import LoraConfig
+    from lorakit.lora.inject import add_adapter, delete_adapter, disable_adapters
+    from lorakit.lora.layers import lora_layers
+    from lorakit.train import common
+
+    model, _ = tiny
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"), name="default")
+    try:
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(20, 400, (3, 9), generator=gen)
+        labels = torch.full_like(ids, -100)
+        labels[0, 5:] = ids[0, 5:]  # a task row: cross-entropy on its last tokens
+        distill = torch.zeros_like(ids, dtype=torch.bool)
+        distill[1, 1:] = True  # a replay row: every position but the first
+        distill[2, 1:6] = True  # a shorter replay row (padding after it)
+        mask = torch.ones_like(ids)
+        mask[2, 6:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "distill": distill}
+        kl_only = {**batch, "labels": torch.full_like(ids, -100)}
+        loss, n = common.supervised_loss(model, kl_only)
+        assert n == 8 + 5 and common.count_supervised(kl_only) == n
+        assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+        loss.backward()
+        assert all(p.grad is None or float(p.grad.abs().max()) < 1e-6
+                   for p in model.parameters() if p.requires_grad)
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                for b in layer.lora_B.values():
+                    b.weight.normal_(0, 0.5, generator=gen)
+            tuned = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            with disable_adapters(model):
+                base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        kl = (base.exp() * (base - tuned)).sum(-1)[:, :-1]  # position t predicts token t+1
+        ce = -tuned[0, 4:8].gather(-1, ids[0, 5:9, None]).sum()
+        expected = float(kl[distill[:, 1:]].sum() + ce)
+        loss, n = common.supervised_loss(model, batch)
+        assert n == 4 + 13 and float(kl[distill[:, 1:]].sum()) > 0.05
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+    finally:
+        delete_adapter(model, "default")
+
+
+def test_training_with_kl_replay_counts_every_replay_position(eval_base_dir, tmp_path, capsys):
+    """The same run as above with ``data.replay.loss=kl``: the replay rows now add every
+    position of each replay example to the loss, not only the answer's tokens."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Spell the digit {i % 10}.", "completion": w}) + "\n"
+                             for i, w in enumerate(["zero", "one", "two", "three", "four"] * 6)))
+    own = tmp_path / "replay.jsonl"
+    own.write_text("".join(json.dumps({"prompt": f"General question {i}?", "completion": "A general answer."})
+                           + "\n" for i in range(10)))
+    summaries = {}
+    for loss in ("ce", "kl"):
+        run = tmp_path / loss
+        args = ["train", f"model={eval_base_dir}", f"data.train={train}", f"output_dir={run}",
+                "data.max_length=64", "train.batch_size=8", "train.precision=fp32", "lora.r=4",
+                "train.max_steps=1", "eval.after_train=false", "--no-progress", "train.seed=1",
+                "data.replay.fraction=0.3", f"data.replay.file={own}", f"data.replay.loss={loss}"]
+        assert main(args) == 0, capsys.readouterr().err
+        summaries[loss] = json.loads((run / "summary.json").read_text())
+    ce, kl = summaries["ce"], summaries["kl"]
+    assert "data.replay.loss=kl" in capsys.readouterr().err
+    from lorakit.config import load_config
+
+    defaults = load_config(overrides=["data.replay.fraction=0.1"]).data.replay
+    assert defaults.loss_for("lora") == defaults.loss_for("qlora") == "kl"
+    assert defaults.loss_for("full") == "ce"  # it keeps no frozen base to match
+    assert ce["train_examples"] == kl["train_examples"] > 30
+    assert kl["supervised_tokens"] > ce["supervised_tokens"]  # prompts and template too
+    assert kl["final_train_loss"] < ce["final_train_loss"]  # KL is 0 at step 1 (B = 0)
+    capsys.readouterr()
+    assert main(["train", "method=full", f"data.train={train}", "data.replay.fraction=0.1",
+                 "data.replay.loss=kl"]) != 0
+    assert "data.replay.loss=kl" in capsys.readouterr().err

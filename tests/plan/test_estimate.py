@@ -91,7 +91,8 @@ def test_activation_formula_against_autograd_saved_tensors():
     config = tf.LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256,
                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
     seq = 64
-    for dropout in (0.0, 0.05):
+    totals = {}
+    for dropout, distill in ((0.0, False), (0.05, False), (0.0, True)):
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(config)
         add_adapter(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
@@ -107,15 +108,22 @@ def test_activation_formula_against_autograd_saved_tensors():
             return t
 
         ids = torch.randint(0, 512, (1, seq))
+        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq)[None]}
+        if distill:  # a replay row under data.replay.loss=kl: every position matched to the base
+            batch.update(labels=torch.full_like(ids, -100), distill=torch.ones_like(ids, dtype=torch.bool))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            supervised_loss(model, {"input_ids": ids, "labels": ids,
-                                    "position_ids": torch.arange(seq)[None]})
+            supervised_loss(model, batch)
         layout = E.adapter_layout(config, 8, "all-linear")
         predicted = E.activation_bytes(E._facts(config), layout["targets"], tokens=seq,
                                        seq_len=seq, e=4, lora_dropout=dropout, r=8,
-                                       grad_checkpointing=False)
+                                       grad_checkpointing=False, distill=distill)
         predicted -= seq * 8 * 512  # the head's backward buffers are not saved tensors
-        assert predicted == pytest.approx(sum(saved.values()), rel=0.15), dropout
+        assert predicted == pytest.approx(sum(saved.values()), rel=0.15), (dropout, distill)
+        totals[(dropout, distill)] = (predicted, sum(saved.values()))
+    # the KL rows' own term, alone: the base's fp32 log-probs kept as the target (4 V a token)
+    (p_ce, m_ce), (p_kl, m_kl) = totals[(0.0, False)], totals[(0.0, True)]
+    assert p_kl - p_ce == seq * 4 * 512
+    assert m_kl - m_ce == pytest.approx((seq - 1) * 4 * 512, rel=0.02)  # the last predicts nothing
 
 
 def test_memory_accounting_follows_the_method_and_settings():

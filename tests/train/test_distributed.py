@@ -69,6 +69,14 @@ def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
                    progress=False, log=lambda m: None)
     qlora = train(load_config(None, _overrides(tiny_model_dir, arithmetic_data, root / "qlora", 6,
                                                *QLORA)), progress=False, log=lambda m: None)
+    # data.replay.loss=kl: the replay rows run a second, no-grad forward of the base
+    replay_file = root / "replay.jsonl"
+    replay_file.write_text("".join(json.dumps({"prompt": f"Name a colour, {i}.", "completion": "Blue."})
+                                   + "\n" for i in range(12)))
+    kl_replay = ("data.replay.fraction=0.3", f"data.replay.file={replay_file}",
+                 "data.replay.loss=kl", *QLORA[1:])
+    train(load_config(None, _overrides(tiny_model_dir, arithmetic_data, root / "kl_single", 6,
+                                       *kl_replay)), progress=False, log=lambda m: None)
     _rewind(root / "single", root / "single_to_ddp")
     _rewind(root / "single", root / "single_to_fsdp")
 
@@ -81,6 +89,7 @@ def runs(tiny_model_dir, arithmetic_data, tmp_path_factory):
             two_proc("single_to_ddp", "resume=true"),
             two_proc("single_to_fsdp", "train.strategy=fsdp", "resume=true"),
             two_proc("qlora_fsdp", *QLORA, "train.strategy=fsdp"),
+            two_proc("kl_fsdp", *kl_replay, "train.strategy=fsdp"),
             # rank 1 alone is interrupted / sees a NaN in step 2 (its 3rd micro-batch)
             {**two_proc("stop", "train.max_steps=20"), "rank1_call": 3, "rank1_does": "sigint"},
             {**two_proc("nan", "train.max_steps=20"), "rank1_call": 3, "rank1_does": "nan"}]
@@ -238,6 +247,17 @@ def test_qlora_fsdp_shards_the_4bit_base_and_equals_one_process(runs):
     assert json.loads((root / "qlora_fsdp" / "adapter" / "lorakit.json").read_text())[
         "quantization"]["type"] == "nf4"
     assert _max_diff(_adapter(qlora.adapter_dir), _adapter(root / "qlora_fsdp" / "adapter")) <= TOL
+
+
+def test_kl_replay_under_fsdp_equals_one_process(runs):
+    """With data.replay.loss=kl some ranks' shares hold a replay row and others' do not;
+    every rank still runs the base's forward (FSDP all-gathers in each), so none waits
+    forever, and the run trains what one process trains."""
+    root, *_ = runs
+    rows = [r for r in _records(root / "kl_fsdp") if "loss" in r]
+    assert [r["loss"] for r in rows] == pytest.approx(
+        [r["loss"] for r in _records(root / "kl_single") if "loss" in r], rel=1e-5)
+    assert _max_diff(_adapter(root / "kl_single" / "adapter"), _adapter(root / "kl_fsdp" / "adapter")) <= TOL
 
 
 def test_a_stop_or_nan_on_one_rank_stops_both_at_the_same_step(runs):

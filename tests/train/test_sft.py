@@ -153,8 +153,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, arithmeti
     real = common.supervised_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):  # the 4th micro-batch's loss is NaN (as after a bad update)
-        loss, n = real(model, batch)
+    def poisoned(model, batch, **kwargs):  # the 4th micro-batch's loss is NaN (as after a bad update)
+        loss, n = real(model, batch, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 4 else loss), n
 
