@@ -127,6 +127,37 @@ def scenarios(n_adapters: int, count: int, *, lorakit: bool, base_name: str) -> 
             "mixed": [req(i % n_adapters) for i in range(count)]}
 
 
+def serve_and_measure(server: str, cmd: list[str], port: int, work: Path, args, prompts,
+                      tokenizer) -> dict:
+    """Start ``cmd`` (a server on ``port``), warm it up, run every scenario at every
+    concurrency, stop it; ``{"<scenario>-<count>": burst result}``."""
+    import httpx
+
+    log = work / f"{server}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    lorakit = server == "lorakit"
+    out = {}
+    try:
+        wait_ready(url, proc, log)
+        base_name = ""
+        if lorakit:
+            names = [m["id"] for m in httpx.get(url + "/v1/models", trust_env=False).json()["data"]]
+            base_name = next(n for n in names if not n.startswith("ad"))
+        warm = (base_name, {}) if lorakit else ("base", {"cache_prompt": False})
+        burst(url, [warm], prompts, 8, tokenizer)
+        for count in args.concurrency:
+            for name, reqs in scenarios(args.adapters, count, lorakit=lorakit,
+                                        base_name=base_name).items():
+                r = out[f"{name}-{count}"] = burst(url, reqs, prompts, args.tokens, tokenizer)
+                print(f"{server:12s} {name:5s} x{count}: {r['tokens_per_s']:7.1f} tok/s, "
+                      f"TTFT {r['ttft_mean_s']:.2f} / {r['ttft_max_s']:.2f} s", flush=True)
+    finally:
+        stop(proc)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -172,57 +203,22 @@ def main() -> None:
     slots = max(args.concurrency)
     ctx = slots * (max(len(tokenizer(p)["input_ids"]) for p in prompts) + args.tokens + 16)
 
-    # llama-server
+    # llama-server, then lorakit serve: one server at a time on the same cores
     port = free_port()
     cmd = [str(llamacpp.binary("llama-server")), "-m", str(base_gguf), "--host", "127.0.0.1",
            "--port", str(port), "-c", str(ctx), "-np", str(slots), "-t", str(args.threads),
            "--no-webui", "--lora-init-without-apply"]
     for g in lora_ggufs:
         cmd += ["--lora", str(g)]
-    log = work / "llama-server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        burst(url, [("base", {"cache_prompt": False})], prompts, 8, tokenizer)  # warm-up
-        results["llama-server"] = {}
-        for count in args.concurrency:
-            for name, reqs in scenarios(args.adapters, count, lorakit=False, base_name="").items():
-                r = burst(url, reqs, prompts, args.tokens, tokenizer)
-                results["llama-server"][f"{name}-{count}"] = r
-                print(f"llama-server {name:5s} x{count}: {r['tokens_per_s']:7.1f} tok/s, "
-                      f"TTFT {r['ttft_mean_s']:.2f} / {r['ttft_max_s']:.2f} s", flush=True)
-    finally:
-        stop(proc)
-
-    # lorakit serve
+    results["llama-server"] = serve_and_measure("llama-server", cmd, port, work, args, prompts,
+                                                tokenizer)
     port = free_port()
     cmd = [*LORAKIT, "serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
            "--max-batch-size", str(slots), "--max-loaded-adapters", str(args.adapters),
            "--log", str(work / "requests.db")]
     for i, p in enumerate(paths):
         cmd += ["--adapter", f"ad{i}={p}"]
-    log = work / "lorakit.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        import httpx
-
-        names = [m["id"] for m in httpx.get(url + "/v1/models", trust_env=False).json()["data"]]
-        base_name = next(n for n in names if not n.startswith("ad"))
-        burst(url, [(base_name, {})], prompts, 8, tokenizer)  # warm-up
-        results["lorakit"] = {}
-        for count in args.concurrency:
-            for name, reqs in scenarios(args.adapters, count, lorakit=True, base_name=base_name).items():
-                r = burst(url, reqs, prompts, args.tokens, tokenizer)
-                results["lorakit"][f"{name}-{count}"] = r
-                print(f"lorakit      {name:5s} x{count}: {r['tokens_per_s']:7.1f} tok/s, "
-                      f"TTFT {r['ttft_mean_s']:.2f} / {r['ttft_max_s']:.2f} s", flush=True)
-    finally:
-        stop(proc)
+    results["lorakit"] = serve_and_measure("lorakit", cmd, port, work, args, prompts, tokenizer)
 
     ratios = {}
     for key, ours in results["lorakit"].items():

@@ -268,10 +268,11 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
     base_forward = bool(n_kl) or (always_base and kl_mask is not None)
     if n_tokens + n_kl == 0 and not base_forward:
         return hidden.sum() * 0.0, 0
-    loss = hidden.sum() * 0.0
     if n_tokens:
         logits = head_logits(model, hidden[:, :-1][mask])  # (N, V)
         loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+    else:  # only matched positions here (or, under FSDP, none at all)
+        loss = hidden.sum() * 0.0
     if base_forward:
         loss = loss + distill_kl(model, inputs, hidden, kl_mask)
     return loss, n_tokens + n_kl

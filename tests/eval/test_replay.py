@@ -125,13 +125,19 @@ def test_cli_makes_and_writes_the_set(eval_base_dir, tmp_path, capsys):
     assert summary["records"] == len(rows) <= 5 and all(r["prompt"] in replay.instructions() for r in rows)
 
 
-def test_training_mixes_replay_in(eval_base_dir, tmp_path, capsys):
+def _digits_and_replay(tmp_path):
+    """30 tiny training examples and a 10-example replay file."""
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"Spell the digit {i % 10}.", "completion": w}) + "\n"
                              for i, w in enumerate(["zero", "one", "two", "three", "four"] * 6)))
     own = tmp_path / "replay.jsonl"
     own.write_text("".join(json.dumps({"prompt": f"General question {i}?", "completion": "A general answer."})
                            + "\n" for i in range(10)))
+    return train, own
+
+
+def test_training_mixes_replay_in(eval_base_dir, tmp_path, capsys):
+    train, own = _digits_and_replay(tmp_path)
     run = tmp_path / "run"
     args = ["train", f"model={eval_base_dir}", f"data.train={train}", f"output_dir={run}",
             "data.max_length=64", "train.batch_size=4", "train.precision=fp32", "lora.r=4",
@@ -215,12 +221,7 @@ def test_kl_replay_loss_is_the_kl_to_the_base_at_the_marked_positions(tiny):
 def test_training_with_kl_replay_counts_every_replay_position(eval_base_dir, tmp_path, capsys):
     """The same run as above with ``data.replay.loss=kl``: the replay rows now add every
     position of each replay example to the loss, not only the answer's tokens."""
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"Spell the digit {i % 10}.", "completion": w}) + "\n"
-                             for i, w in enumerate(["zero", "one", "two", "three", "four"] * 6)))
-    own = tmp_path / "replay.jsonl"
-    own.write_text("".join(json.dumps({"prompt": f"General question {i}?", "completion": "A general answer."})
-                           + "\n" for i in range(10)))
+    train, own = _digits_and_replay(tmp_path)
     summaries = {}
     for loss in ("ce", "kl"):
         run = tmp_path / loss
