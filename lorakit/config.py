@@ -246,10 +246,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _replay_needs_sft(self):
-        if self.data.replay.fraction and self.method in PREFERENCE_METHODS:
-            raise ValueError("data.replay mixes rehearsal examples into SFT data (method lora, "
-                             "qlora or full); DPO trains on preference pairs: set "
-                             "data.replay.fraction=0, or replay in the SFT run DPO starts from")
+        if self.data.replay.fraction and self.method == "kto":
+            raise ValueError("data.replay joins the SFT term of a paired preference objective "
+                             "(method dpo, orpo or simpo); method kto has none: set "
+                             "data.replay.fraction=0, or replay in the SFT run KTO starts from")
         if self.data.replay.fraction and self.data.replay.loss == "kl" and self.method == "full":
             raise ValueError("data.replay.loss=kl matches the frozen base model's distribution, "
                              "which method full does not keep (it trains the base itself): "

@@ -20,6 +20,11 @@ Selection is seeded (``train.seed``): the replay examples are shuffled and taken
 cycling when more tokens are needed than the set holds, and appended after the training
 examples (the training loop shuffles rows itself).
 
+Preference runs (``method: dpo | orpo | simpo``) train on pairs, not on SFT rows: there the
+replay examples join the objective's SFT term (RPO's ``dpo.sft_weight``, ORPO's NLL), a few
+in every micro-batch, and the fraction is taken of the pairs' chosen rows
+(:func:`replay_rows_for_pairs`; lorakit/train/dpo.py has the arithmetic).
+
 How they are trained on (``data.replay.loss``):
 
 * ``ce`` (the default for ``method: full``) — as any training example: cross-entropy on the replay answers. With
@@ -122,30 +127,29 @@ def self_generated(model, tokenizer, *, max_new_tokens: int = DEFAULT_MAX_NEW_TO
     return records, path
 
 
-def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: float,
-               count_tokens: Callable[[Sequence[Example]], list[int]], seed: int = 0,
-               ) -> tuple[list[Example], dict]:
-    """``train`` plus replay examples making up about ``fraction`` of all tokens.
+def choose_replay(train_tokens: int, replay: Sequence[Example], fraction: float,
+                  lengths: Sequence[int], seed: int = 0) -> tuple[list[Example], dict]:
+    """The replay examples that make up about ``fraction`` of ``train_tokens`` + theirs.
 
     Args:
-        count_tokens: tokens of each example (as training will see them).
+        lengths: tokens of each replay example (as training will see them).
 
     Returns:
-        ``(examples, stats)``: the training examples followed by the chosen replay ones, and
-        ``{"train_tokens", "replay_tokens", "replay_examples", "fraction"}`` (the share reached).
+        ``(chosen, stats)``: the replay examples in their seeded order (cycling when more
+        tokens are needed than the set holds) and ``{"train_tokens", "replay_tokens",
+        "replay_examples", "fraction"}`` (the share reached).
 
     Raises:
         ConfigError: ``fraction`` outside [0, 1). DataError: no replay example to mix in.
     """
     if not 0 <= fraction < 1:
         raise ConfigError(f"data.replay.fraction must be in [0, 1), got {fraction}")
-    train_tokens = int(sum(count_tokens(train)))
-    stats = {"train_tokens": train_tokens, "replay_tokens": 0, "replay_examples": 0, "fraction": 0.0}
+    stats = {"train_tokens": int(train_tokens), "replay_tokens": 0, "replay_examples": 0,
+             "fraction": 0.0}
     if fraction == 0:
-        return list(train), stats
+        return [], stats
     if not replay:
         raise DataError("data.replay: no replay example to mix in")
-    lengths = count_tokens(replay)
     if not any(n > 0 for n in lengths):
         raise DataError("data.replay: every replay example is empty after tokenisation")
     target = fraction / (1 - fraction) * train_tokens
@@ -161,6 +165,29 @@ def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: fl
         i += 1
     stats.update(replay_tokens=total, replay_examples=len(chosen),
                  fraction=round(total / (total + train_tokens), 4) if total + train_tokens else 0.0)
+    return chosen, stats
+
+
+def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: float,
+               count_tokens: Callable[[Sequence[Example]], list[int]], seed: int = 0,
+               ) -> tuple[list[Example], dict]:
+    """``train`` plus replay examples making up about ``fraction`` of all tokens.
+
+    Args:
+        count_tokens: tokens of each example (as training will see them).
+
+    Returns:
+        ``(examples, stats)``: the training examples followed by the chosen replay ones, and
+        the stats of :func:`choose_replay`.
+
+    Raises:
+        ConfigError: ``fraction`` outside [0, 1). DataError: no replay example to mix in.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"data.replay.fraction must be in [0, 1), got {fraction}")
+    train_tokens = int(sum(count_tokens(train)))
+    lengths = count_tokens(replay) if fraction and replay else []
+    chosen, stats = choose_replay(train_tokens, replay, fraction, lengths, seed)
     return list(train) + chosen, stats
 
 
@@ -184,30 +211,68 @@ def token_counter(tokenizer, max_length: int | None, train_on: str = "all_assist
     return count
 
 
+def replay_source(cfg, tokenizer, model, log: Callable[[str], None] = print,
+                  ) -> tuple[list[Example], str]:
+    """``cfg.data.replay``'s examples (the user's file, or the base model's self-generated
+    answers) and where they came from, for the log line."""
+    replay_cfg = cfg.data.replay
+    if replay_cfg.file:
+        if not Path(replay_cfg.file).is_file():
+            raise DataError(f"data.replay.file {replay_cfg.file} does not exist")
+        return load_examples(replay_cfg.file, format=cfg.data.format).examples, replay_cfg.file
+    if model is None:
+        raise ConfigError("data.replay.file is null (self-generated replay) but no model was "
+                          "given to generate it with; pass the base model or a replay file")
+    records, path = self_generated(model, tokenizer, log=log)
+    return load_examples(records).examples, f"self-generated ({path})"
+
+
+def _log_mix(cfg, stats: dict, where: str, log: Callable[[str], None], what: str = "") -> None:
+    replay_cfg = cfg.data.replay
+    log(f"replay: {stats['replay_examples']} examples, {stats['replay_tokens']:,} tokens from "
+        f"{where} = {100 * stats['fraction']:.1f}% of training tokens{what} (target "
+        f"{100 * replay_cfg.fraction:.0f}%), data.replay.loss={replay_cfg.loss_for(cfg.method)}")
+
+
 def apply_replay(cfg, train: Sequence[Example], tokenizer, model, log: Callable[[str], None] = print,
                  ) -> list[Example]:
     """What a training recipe calls: ``train`` with ``cfg.data.replay`` mixed in (unchanged
     when the fraction is 0)."""
-    replay_cfg = cfg.data.replay
-    if not replay_cfg.fraction:
+    if not cfg.data.replay.fraction:
         return list(train)
-    if replay_cfg.file:
-        if not Path(replay_cfg.file).is_file():
-            raise DataError(f"data.replay.file {replay_cfg.file} does not exist")
-        replay = load_examples(replay_cfg.file, format=cfg.data.format).examples
-        where = replay_cfg.file
-    else:
-        if model is None:
-            raise ConfigError("data.replay.file is null (self-generated replay) but no model was "
-                              "given to generate it with; pass the base model or a replay file")
-        records, path = self_generated(model, tokenizer, log=log)
-        replay = load_examples(records).examples
-        where = f"self-generated ({path})"
+    replay, where = replay_source(cfg, tokenizer, model, log)
     replay = [ex for ex in replay if ex.kind == "chat"] if any(ex.kind == "chat" for ex in train) else replay
-    mixed, stats = mix_replay(train, replay, replay_cfg.fraction,
+    mixed, stats = mix_replay(train, replay, cfg.data.replay.fraction,
                               token_counter(tokenizer, cfg.data.max_length, cfg.data.train_on),
                               seed=cfg.train.seed)
-    log(f"replay: {stats['replay_examples']} examples, {stats['replay_tokens']:,} tokens from "
-        f"{where} = {100 * stats['fraction']:.1f}% of training tokens (target "
-        f"{100 * replay_cfg.fraction:.0f}%), data.replay.loss={replay_cfg.loss_for(cfg.method)}")
+    _log_mix(cfg, stats, where, log)
     return mixed
+
+
+def replay_rows_for_pairs(cfg, pairs: Sequence[dict], tokenizer, model,
+                          log: Callable[[str], None] = print) -> list[dict]:
+    """Tokenised replay rows for a preference run (``method: dpo | orpo | simpo``), where they
+    join the SFT term of the objective (lorakit/train/dpo.py, docs/dpo.md).
+
+    ``fraction`` is taken of the tokens of the pairs' chosen rows (prompt + chosen answer),
+    the rows that term is computed on. The rows are as SFT tokenises them: cross-entropy
+    labels on the answers (``data.replay.loss=ce``) or, for ``kl``, every position matched to
+    the reference (:func:`distill_rows`)."""
+    from lorakit.data.tokenize import IGNORE_INDEX, tokenize_examples
+
+    if not cfg.data.replay.fraction:
+        return []
+    replay, where = replay_source(cfg, tokenizer, model, log)
+    replay = [ex for ex in replay if ex.kind in ("chat", "text")]
+    if not replay:
+        raise DataError(f"data.replay: {where} holds no SFT example (prompt/completion, chat, "
+                        f"instruction or text records)")
+    tokenized = tokenize_examples(replay, tokenizer, cfg.data.max_length, cfg.data.train_on)
+    train_tokens = sum(len(p["chosen_input_ids"]) for p in pairs)
+    chosen, stats = choose_replay(train_tokens, list(range(len(replay))), cfg.data.replay.fraction,
+                                  [len(t["input_ids"]) for t in tokenized], seed=cfg.train.seed)
+    _log_mix(cfg, stats, where, log, " (the chosen rows')")
+    rows = [tokenized[i] for i in chosen]
+    if cfg.data.replay.loss_for(cfg.method) == "kl":
+        return distill_rows(rows)
+    return [r for r in rows if any(l != IGNORE_INDEX for l in r["labels"][1:])]

@@ -21,7 +21,7 @@ Config keys (YAML, or dotted key=value overrides):
        lr_ratio (LoRA+)},
   quantization.{type, double_quant, compute_dtype},
   data.{train, eval, eval_fraction, format, max_length, packing, train_on,
-       replay.{fraction, file} (rehearsal against forgetting: docs/eval.md)},
+       replay.{fraction, file, loss} (rehearsal against forgetting; SFT and dpo/orpo/simpo: docs/eval.md)},
   train.{epochs, max_steps, batch_size, grad_accum, lr, scheduler, warmup, weight_decay,
          max_grad_norm, precision, grad_checkpointing, activation_offload, optimizer
          (adamw|adamw8bit|paged_adamw8bit), seed, eval_every, save_every,

@@ -239,7 +239,7 @@ def default_device() -> torch.device:
 
 # ---------------------------------------------------------------------- loss
 def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
-                    always_base: bool = False) -> tuple[torch.Tensor, int]:
+                    always_base: bool = False, frozen=None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of ``batch`` and their count.
 
     The output head (a vocabulary-sized matmul, a large share of a small model's compute)
@@ -251,6 +251,8 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
     count as tokens too; ``p_base`` comes from a no-grad forward of those rows with the
     adapters off. ``always_base`` (FSDP, where every rank must run the same forwards): run
     that forward whenever the batch carries a ``distill`` mask, even with no position marked.
+    ``frozen``: what ``p_base`` comes from instead, a context manager factory in which the
+    model is the frozen reference (DPO with ``init_adapter``: base + the SFT adapter).
 
     Returns:
         (loss_sum, n_tokens): divide by the tokens of the whole accumulated step, so the loss
@@ -274,16 +276,18 @@ def supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], *,
     else:  # only matched positions here (or, under FSDP, none at all)
         loss = hidden.sum() * 0.0
     if base_forward:
-        loss = loss + distill_kl(model, inputs, hidden, kl_mask)
+        loss = loss + distill_kl(model, inputs, hidden, kl_mask, frozen)
     return loss, n_tokens + n_kl
 
 
 def distill_kl(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
-               kl_mask: torch.Tensor) -> torch.Tensor:
+               kl_mask: torch.Tensor, frozen=None) -> torch.Tensor:
     """``sum KL(p_base || q)`` over the positions ``kl_mask`` (B, T-1) marks: ``q`` from the
     tuned model's ``hidden`` (B, T, H), ``p_base`` from the same rows run again without
     gradient, with the adapters switched off and in eval mode (no dropout: the base as the
-    forgetting probe sees it), only the rows that have such a position."""
+    forgetting probe sees it), only the rows that have such a position. ``frozen()``, when
+    given, is a context in which ``model`` is the reference to match instead (it owns eval
+    mode and no-grad)."""
     from lorakit.lora.inject import disable_adapters
 
     rows = kl_mask.any(dim=1)
@@ -294,7 +298,7 @@ def distill_kl(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), disable_adapters(model):
+        with torch.no_grad(), (frozen() if frozen is not None else disable_adapters(model)):
             base_hidden = model.base_model(**sub, use_cache=False).last_hidden_state
             log_p = F.log_softmax(head_logits(model, base_hidden[:, :-1][kl_mask[rows]]), dim=-1)
     finally:

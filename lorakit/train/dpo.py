@@ -23,6 +23,13 @@ The loss, for a pair with answer log-probs summed over the answer tokens (prompt
     ipo      ((d_c/n_c - d_r/n_r) - 1/(2 beta))^2,  d = log pi - log ref, n = answer tokens
     + sft_weight x (mean NLL of the chosen answer tokens)                                 (RPO)
 
+With ``data.replay`` (rehearsal against forgetting, lorakit/data/replay.py) a few replay rows
+ride along in every micro-batch and join that SFT term: it becomes the mean, over the chosen
+answer tokens and the replay positions of the step, of their NLL and the replay loss (``kl``:
+KL(reference || policy) at every replay position; ``ce``: the replay answers' NLL), weighted
+by ``sft_weight`` (ORPO: 1). With ``sft_weight`` 0 the replay positions form the term alone,
+weight 1. The replay rows are spread so one pass over the pairs sees each of them once.
+
 These are TRL's definitions (``trl.DPOTrainer``; IPO length-normalised as TRL does, rewards
 unnormalised); tests/train/test_dpo.py checks values and gradients against TRL itself.
 
@@ -45,6 +52,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -235,6 +243,52 @@ def make_batch(pairs: list[dict], idx: list[int], pad_id: int, device,
     batch = (collate_kto(chosen, pad_id, max_length) if "prompt_ids" in chosen[0]
              else collate_pairs(chosen, pad_id))
     return {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass
+class SpreadOrder:
+    """``n_rows`` rows spread over the ``n_micro`` micro-batches of each epoch (of the pairs):
+    epoch ``e`` is a seeded permutation, micro-batch ``m`` takes its next ``n_rows / n_micro``
+    rows (rounded, so some take none when there are fewer rows than micro-batches). One pass
+    over the pairs sees every row once, and resume needs only the micro-batch index."""
+
+    n_rows: int
+    n_micro: int
+    seed: int
+
+    def rows(self, micro_index: int) -> list[int]:
+        epoch, offset = divmod(micro_index, self.n_micro)
+        lo = -(-offset * self.n_rows // self.n_micro)
+        hi = -(-(offset + 1) * self.n_rows // self.n_micro)
+        if lo == hi:
+            return []
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n_rows, generator=g)[lo:hi].tolist()
+
+
+def prepare_replay(cfg: RunConfig, train_pairs: list[dict], tokenizer, model,
+                   order: common.DataOrder, log) -> tuple[list[dict], SpreadOrder | None]:
+    """``data.replay``'s rows for the SFT term and which micro-batch takes which
+    (:class:`SpreadOrder`, seeded apart from the pairs' order)."""
+    if not cfg.data.replay.fraction:
+        return [], None
+    from lorakit.data.replay import replay_rows_for_pairs
+
+    rows = replay_rows_for_pairs(cfg, train_pairs, tokenizer, model, log)
+    if not rows:
+        raise DataError("data.replay: no replay example has a token to train on within "
+                        f"data.max_length={cfg.data.max_length}")
+    return rows, SpreadOrder(len(rows), order.micro_per_epoch, cfg.train.seed + 1)
+
+
+def replay_batch(rows: list[dict], replay_order: SpreadOrder, micro_index: int, pad_id: int,
+                 device) -> dict | None:
+    """The replay rows of micro-batch ``micro_index``, padded (``sft.make_batch``, unpacked),
+    or None when it takes none."""
+    from lorakit.train.sft import make_batch as sft_batch
+
+    idx = replay_order.rows(micro_index)
+    return sft_batch(rows, idx, pad_id, False, device) if idx else None
 
 
 # ---------------------------------------------------------------------- 3. reference log-probs
@@ -455,6 +509,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
     train_pairs, eval_pairs = prepare_pairs(cfg, tokenizer, log)
     pad_id = pad_token_id(tokenizer)
     order = common.DataOrder(len(train_pairs), cfg.train.batch_size, cfg.train.seed)
+    replay_rows, replay_order = prepare_replay(cfg, train_pairs, tokenizer, model, order, log)
     micro_total, total_steps = common.count_steps(cfg, order)
     ref_name = f"base + {cfg.init_adapter} (frozen)" if has_ref_adapter else "base, adapters off"
     if cfg.method in ("orpo", "simpo"):
@@ -500,35 +555,51 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
 
     # 4. the loop
     nll_weight = 1.0 if cfg.method == "orpo" else cfg.dpo.sft_weight
+    sft_weight = nll_weight or 1.0  # the SFT term's, also when replay rows form it alone
+    frozen = lambda: reference(model, has_ref_adapter)  # what kl replay matches
     started = time.perf_counter()
     elapsed_before = loop.elapsed
     stopped_early = interrupted = False
-    last_eval = None
+    last_eval = last_replay_loss = None
     with common.StopFlag() as stop, common.out_of_memory_explained(cfg), steps:
         while loop.step < total_steps:
             micro = min(cfg.train.grad_accum, micro_total - loop.micro_index)
-            chosen_idx = [rows for _, rows in common.micro_batches(order, loop.micro_index, micro)]
+            micro_idx = list(common.micro_batches(order, loop.micro_index, micro))
+            chosen_idx = [rows for _, rows in micro_idx]
             batches = [make_batch(train_pairs, idx, pad_id, device, cfg.data.max_length)
                        for idx in chosen_idx]
+            replay_batches = [replay_batch(replay_rows, replay_order, m, pad_id, device)
+                              for m, _ in micro_idx] if replay_rows else [None] * len(batches)
             n_pairs = sum(len(idx) for idx in chosen_idx)  # the step's, for the mean
             n_chosen_tokens = sum(int((b["labels"][:len(b["labels"]) // 2, 1:] != IGNORE_INDEX)
                                       .sum()) for b in batches)  # paired methods only
-            loop.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+            n_replay = sum(common.count_supervised(b) for b in replay_batches if b is not None)
+            sft_tokens = max((n_chosen_tokens if nll_weight else 0) + n_replay, 1)
+            loop.tokens_seen += sum(int(b["attention_mask"].sum())
+                                    for b in batches + replay_batches if b is not None)
             stats = _Stats(cfg.method)
-            for idx, batch in zip(chosen_idx, batches):
+            replay_sum = 0.0
+            for idx, batch, rbatch in zip(chosen_idx, batches, replay_batches):
                 ref = (cache["train_chosen"][idx], cache["train_rejected"][idx]) if cache else None
                 s = score_batch(model, batch, ref, cfg, precision, device, has_ref_adapter)
                 objective = s["losses"].sum() / n_pairs
                 if nll_weight:  # RPO / ORPO: NLL of the chosen answers, per token
-                    objective = objective - nll_weight * s["chosen_logps"].sum() / max(
-                        n_chosen_tokens, 1)
+                    objective = objective - nll_weight * s["chosen_logps"].sum() / sft_tokens
                 objective.backward()
                 stats.add(s)
+                if rbatch is not None:  # the replay rows' part of the SFT term
+                    with common.autocast(precision, device), common.activation_offload(cfg, device):
+                        r_sum, _ = common.supervised_loss(model, rbatch, frozen=frozen)
+                    (sft_weight * r_sum / sft_tokens).backward()
+                    replay_sum += float(r_sum.detach())
             record = stats.record()  # ORPO's loss includes its NLL term
             loss = record["loss"]
             if cfg.dpo.sft_weight:
                 record["sft_loss"] = stats.nll()
             objective_value = loss + cfg.dpo.sft_weight * record.get("sft_loss", 0.0)
+            if replay_rows:  # mean replay loss per position (kl: nats of KL to the reference)
+                record["replay_loss"] = last_replay_loss = replay_sum / max(n_replay, 1)
+                objective_value += record["replay_loss"]
             if not math.isfinite(objective_value):
                 optimizer.zero_grad(set_to_none=True)
                 common.check_finite(objective_value, loop.step + 1, run_dir, cfg.train.lr)
@@ -563,6 +634,9 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         steps.final_eval(loop, last_eval)
     summary = _summary(cfg, loop, order, last_eval, counts, precision, precision_reason, device,
                        stopped_early, len(train_pairs), len(eval_pairs), ref_name)
+    if replay_rows:
+        summary["replay"] = {"rows": len(replay_rows), "loss": cfg.data.replay.loss_for(cfg.method),
+                             "final_replay_loss": last_replay_loss}
     _write_final(cfg, model, tokenizer, run_dir, loop, summary)
     steps.finish_trackers(run_dir / "adapter")  # wandb / mlflow: the adapter as an artifact
     return TrainResult(run_dir, run_dir / "adapter", summary, stopped_early=stopped_early)
@@ -615,6 +689,8 @@ def _line(record: dict, total: int) -> str:
     text = (f"step {record['step']}/{total} loss {record['loss']:.4f} "
             f"acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f} "
             f"lr {record['lr']:.2e}")
+    if record.get("replay_loss") is not None:
+        text += f" replay {record['replay_loss']:.4f}"
     if record.get("eval_loss") is not None:
         text += (f" eval_loss {record['eval_loss']:.4f} "
                  f"eval_acc {record['eval_rewards/accuracy']:.2f}")

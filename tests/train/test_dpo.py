@@ -384,3 +384,129 @@ def test_sft_data_for_dpo_names_the_line(tiny_model_dir, arithmetic_data, tmp_pa
     with pytest.raises(DataError, match=r"train\.jsonl:1: method dpo needs preference records"):
         dpo.train(cfg, **QUIET)
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------- replay in the SFT term
+def _replay_file(folder, n=6, same=False):
+    """A replay file: ``n`` general prompt/completion examples (all the same one with ``same``)."""
+    path = folder / "replay.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "Name a colour." if same else f"Name colour number {i}.",
+                                        "completion": "Blue is a colour." if same else f"Colour {i} is blue."})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def test_replay_rows_are_spread_so_each_pass_sees_each_row_once():
+    for n_rows, n_micro in ((5, 3), (2, 5), (7, 7), (9, 2)):
+        order = dpo.SpreadOrder(n_rows, n_micro, seed=4)
+        for epoch in range(2):
+            micro = [order.rows(epoch * n_micro + m) for m in range(n_micro)]
+            assert sorted(i for rows in micro for i in rows) == list(range(n_rows))
+            assert {len(rows) for rows in micro} <= {n_rows // n_micro, -(-n_rows // n_micro)}
+        assert order.rows(0) == dpo.SpreadOrder(n_rows, n_micro, seed=4).rows(0)  # resumable
+
+
+def test_ce_replay_joins_the_sft_term_with_the_base_nll_of_the_replay_answers(
+        tiny_model_dir, pairs_data, tmp_path, capsys):
+    """Step 1 of a fresh adapter: the policy is the base, so the logged replay loss is the
+    base's mean NLL of the replay answers (all replay examples are one example here), and the
+    run's log and summary say replay ran."""
+    from lorakit.data.tokenize import tokenize_examples
+    from lorakit.train.common import supervised_loss
+    from lorakit.train.sft import make_batch as sft_batch
+
+    own = _replay_file(tmp_path, same=True)
+    cfg = _cfg(tiny_model_dir, pairs_data, tmp_path / "run", "train.max_steps=1",
+               "dpo.sft_weight=0.5", "data.replay.fraction=0.3", f"data.replay.file={own}",
+               "data.replay.loss=ce")
+    logs = []
+    result = dpo.train(cfg, progress=False, log=logs.append)
+    record = _records(result.run_dir)[0]
+    model, tokenizer, _, _ = dpo.setup_model(cfg, torch.device("cpu"), "fp32")
+    from lorakit.data.formats import load_examples
+
+    (row,) = tokenize_examples(load_examples(str(own)).examples[:1], tokenizer, 96, "all_assistant")
+    with torch.no_grad():
+        nll, n = supervised_loss(model, sft_batch([row], [0], tokenizer.pad_token_id, False, "cpu"))
+    assert record["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert record["replay_loss"] == pytest.approx(float(nll / n), rel=1e-5)
+    assert any("replay:" in m and "data.replay.loss=ce" in m for m in logs)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["replay"]["loss"] == "ce" and summary["replay"]["rows"] >= 1
+    assert summary["replay"]["final_replay_loss"] == record["replay_loss"]
+
+
+def _sft_adapter(tiny_model_dir, tmp_path):
+    from lorakit.lora.inject import add_adapter
+    from lorakit.lora.io import save_adapter
+    from lorakit.models.load import load_model
+
+    sft_model, tokenizer = load_model(str(tiny_model_dir), dtype=torch.float32)
+    add_adapter(sft_model, load_config(None, ["lora.r=4"]).lora.to_lora_config())
+    _randomise_adapter(sft_model, std=0.2, seed=3)
+    return save_adapter(sft_model, tmp_path / "sft" / "adapter", tokenizer=tokenizer)
+
+
+def test_kl_replay_joins_the_sft_term_against_dpos_reference(tiny_model_dir, pairs_data,
+                                                              tmp_path, monkeypatch):
+    """``data.replay.loss=kl`` in a DPO run from an SFT adapter. Step 1: the replay loss is 0,
+    since the policy starts as DPO's reference (base + SFT adapter; matching the plain base
+    would not be 0). Step 2's gradient, recomputed by hand from step 2's weights: the DPO
+    loss over the pairs, plus sft_weight x (chosen answers' NLL + KL(reference || policy) at
+    every replay position, from two whole-model forwards) / (their token count)."""
+    from lorakit.train import common as train_common
+
+    sft = _sft_adapter(tiny_model_dir, tmp_path)
+    own = _replay_file(tmp_path, n=10)
+    cfg = _cfg(tiny_model_dir, pairs_data, tmp_path / "run", "train.max_steps=2",
+               "dpo.sft_weight=0.5", "lora.dropout=0.0", f"init_adapter={sft}",
+               "data.replay.fraction=0.5", f"data.replay.file={own}", "train.max_grad_norm=null")
+    assert cfg.data.replay.loss_for("dpo") == "kl"
+    seen, real_step = [], train_common.optimizer_step
+
+    def spy(optimizer, scheduler, clip=None):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        seen.append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
+        return real_step(optimizer, scheduler, clip)
+
+    monkeypatch.setattr(train_common, "optimizer_step", spy)
+    result = dpo.train(cfg, **QUIET)
+    records = [r for r in _records(result.run_dir) if "replay_loss" in r]
+    assert records[0]["replay_loss"] == pytest.approx(0.0, abs=1e-7) and records[1]["replay_loss"] > 0
+
+    model, tokenizer, _, has_ref = dpo.setup_model(cfg, torch.device("cpu"), "fp32")
+    optimizer, _ = train_common.optimizer_and_scheduler(model, cfg, 2)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    weights, grads = seen[1]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    pairs, _ = dpo.prepare_pairs(cfg, tokenizer, log=lambda m: None)
+    order = train_common.DataOrder(len(pairs), 4, 0)
+    rows, replay_order = dpo.prepare_replay(cfg, pairs, tokenizer, model, order, lambda m: None)
+    assert 1 <= len(replay_order.rows(1)) < len(rows)
+    batch = dpo.make_batch(pairs, order.rows(1), tokenizer.pad_token_id, torch.device("cpu"))
+    rbatch = dpo.replay_batch(rows, replay_order, 1, tokenizer.pad_token_id, torch.device("cpu"))
+    scored = dpo.score_batch(model, batch, None, cfg, "fp32", torch.device("cpu"), has_ref)
+    n_chosen = int((batch["labels"][:4, 1:] != -100).sum())
+    marked = rbatch["distill"][:, 1:]
+    inputs = dict(input_ids=rbatch["input_ids"], attention_mask=rbatch["attention_mask"])
+    log_q = torch.log_softmax(model(**inputs).logits.float(), -1)[:, :-1]
+    with dpo.reference(model, has_ref):
+        log_p = torch.log_softmax(model(**inputs).logits.float(), -1)[:, :-1]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)[marked].sum()
+    n_sft = n_chosen + int(marked.sum())
+    objective = (scored["losses"].sum() / 4
+                 + 0.5 * (-scored["chosen_logps"].sum() + kl) / n_sft)
+    objective.backward()
+    assert float(kl.detach()) > 0
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    assert records[1]["replay_loss"] == pytest.approx(float(kl) / int(marked.sum()), rel=1e-4)
+
+
+def test_replay_needs_a_paired_preference_method_or_sft():
+    assert load_config(None, ["method=dpo", "data.replay.fraction=0.1"]).data.replay.fraction == 0.1
+    assert load_config(None, ["method=orpo", "data.replay.fraction=0.1"]).method == "orpo"
+    with pytest.raises(ConfigError, match="method kto has none"):
+        load_config(None, ["method=kto", "data.replay.fraction=0.1"])
