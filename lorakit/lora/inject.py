@@ -102,6 +102,25 @@ def _wrappers(model: nn.Module) -> Iterator[ModulesToSaveWrapper]:
     return (m for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
 
 
+def _structure_changed(model: nn.Module) -> None:
+    """add_adapter / delete_adapter replaced modules: the cached layer lists are stale."""
+    model.__dict__["lorakit_structure"] = model.__dict__.get("lorakit_structure", 0) + 1
+    model.__dict__.pop("lorakit_layer_cache", None)
+
+
+def _adapter_modules(model: nn.Module) -> tuple[list[LoraLayer], list[ModulesToSaveWrapper]]:
+    """Every LoraLayer and ModulesToSaveWrapper of ``model``, cached until an adapter is added
+    or deleted. A serving engine enters :func:`mixed_batch` once per forward; walking the
+    module tree there (thousands of modules with a few adapters loaded) cost it more than
+    the adapters' own matmuls."""
+    version = model.__dict__.get("lorakit_structure", 0)
+    cached = model.__dict__.get("lorakit_layer_cache")
+    if cached is None or cached[0] != version:
+        cached = (version, [layer for _, layer in lora_layers(model)], list(_wrappers(model)))
+        model.__dict__["lorakit_layer_cache"] = cached
+    return cached[1], cached[2]
+
+
 # ---------------------------------------------------------------------- add / set / delete
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 targets: Sequence[str] | None = None, ranks: dict[str, int] | None = None,
@@ -158,6 +177,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 replace_module(model, path, module)
             module.add_adapter(name)
     adapters[name] = config
+    _structure_changed(model)
     set_adapter(model, name)
     return paths
 
@@ -207,6 +227,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not module.modules_to_save:
                 replace_module(model, path, module.original_module)
     del adapters[name]
+    _structure_changed(model)
     if getattr(model, "lorakit_active_adapter", None) == name:
         model.lorakit_active_adapter = None
         if adapters:
@@ -258,11 +279,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         if name is not None and adapters[name].modules_to_save:
             raise AdapterError(f"mixed batch: adapter {name!r} has modules_to_save, which cannot "
                                f"vary per row; merge it or serve it alone")
-    merged = _unmerge_all(model)
-    layers = [layer for _, layer in lora_layers(model)]
-    wrappers = list(_wrappers(model))
+    layers, wrappers = _adapter_modules(model)
+    merged = [(layer, list(layer.merged_adapters)) for layer in layers if layer.merged_adapters]
+    for layer, _ in merged:
+        layer.unmerge()
+    rows = tuple(adapter_names)
     for layer in layers:
-        layer.row_adapters = list(adapter_names)
+        layer.row_adapters = rows
     for wrapper in wrappers:  # rows never see another adapter's full modules
         wrapper.disabled = True
     try:
@@ -272,7 +295,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             layer.row_adapters = None
         for wrapper in wrappers:
             wrapper.disabled = False
-        _remerge(model, merged)
+        for layer, names in merged:
+            for name in names:
+                layer.merge(name)
 
 
 def merge_adapter(model: nn.Module, name: str | None = None) -> None:

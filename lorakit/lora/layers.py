@@ -160,6 +160,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 norm = self.base_weight().float().norm(p=2, dim=1)  # (out,)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+        self._stack_cache = None
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -291,6 +292,11 @@ class LoraLayer(nn.Module):
         if not any(n in self.lora_magnitude_vector or (self.training and not isinstance(
                 self.lora_dropout[n], nn.Identity)) for n in names):
             return self._gathered_forward(x, result, names)
+        return self._per_adapter(x, result, names)
+
+    def _per_adapter(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """One pass per adapter over its rows (DoRA, training-time dropout, or an adapter whose
+        weights do not fit the stacks: it raises here, for its own rows only)."""
         for name in names:
             if name is None or name not in self.lora_A:
                 continue
@@ -300,41 +306,92 @@ class LoraLayer(nn.Module):
             result = result.index_add(0, rows, delta)
         return result
 
-    def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n+1, R, in)`` scaled A and ``(n+1, out, R)`` B stacks, slot 0 all zeros (no
-        adapter). Cached until an adapter's weights change (tensor ``_version``) or the set does."""
-        key = tuple((n, id(self.lora_A[n].weight), self.lora_A[n].weight._version,
-                     self.lora_B[n].weight._version, self.scaling[n]) for n in names)
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], int]:
+        """Every plain (non-DoRA) adapter of this layer, side by side in one fixed layout:
+        ``(n R, in)`` scaled A rows and ``(out, n R)`` B columns (ranks zero-padded to the
+        largest, R), each adapter's index into them, and R. Cached until an adapter is added
+        or deleted, or a weight changes (tensor ``_version``), so a serving batch gathers
+        nothing per step; the layout does not depend on which adapters a batch mixes, so a
+        row computes the same in any batch."""
         cached = getattr(self, "_stack_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        rank = max(self.lora_A[n].out_features for n in names)
-        ref = self.lora_A[names[0]].weight
-        a = torch.zeros(len(names) + 1, rank, self.in_features, dtype=ref.dtype, device=ref.device)
-        b = torch.zeros(len(names) + 1, self.out_features, rank, dtype=ref.dtype, device=ref.device)
+        if cached is not None and all(m._parameters["weight"] is t and t._version == v
+                                      for m, t, v in cached[0]) \
+                and cached[1] == tuple(self.scaling.get(n) for n in cached[2]):
+            return cached[3]
+        def fits(n):  # a broken adapter stays out, so it cannot break the others' rows
+            a_w, b_w = self.lora_A[n].weight, self.lora_B[n].weight
+            return (a_w.dim() == 2 and a_w.shape[1] == self.in_features
+                    and tuple(b_w.shape) == (self.out_features, a_w.shape[0])
+                    and a_w.dtype == b_w.dtype)
+
+        names = [n for n in self.lora_A if n not in self.lora_magnitude_vector and fits(n)]
+        rank = max([self.lora_A[n].weight.shape[0] for n in names] or [1])
+        ref = self.lora_A[names[0]].weight if names else self.base_weight()
+        a = torch.zeros(len(names) * rank, self.in_features, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(self.out_features, len(names) * rank, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            for slot, n in enumerate(names, start=1):
-                r = self.lora_A[n].out_features
-                a[slot, :r] = self.lora_A[n].weight * self.scaling[n]
-                b[slot, :, :r] = self.lora_B[n].weight
-        self._stack_cache = (key, a, b)
-        return a, b
+            for i, n in enumerate(names):
+                r = self.lora_A[n].weight.shape[0]
+                a[i * rank:i * rank + r] = self.lora_A[n].weight * self.scaling[n]
+                b[:, i * rank:i * rank + r] = self.lora_B[n].weight
+        modules = [m for n in self.lora_A for m in (self.lora_A[n], self.lora_B[n])]
+        out = (a, b, {n: i for i, n in enumerate(names)}, rank)
+        self._stack_cache = ([(m, m.weight, m.weight._version) for m in modules],
+                             tuple(self.scaling[n] for n in names), names, out)
+        return out
 
     def _gathered_forward(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Each row's own adapter, as two dense products over the layer's stacked adapters:
+        ``h = x A_all^T`` (every adapter's rank-R features), the columns of the row's adapter
+        kept (a 0/1 mask, all 0 for a base row), then ``delta = h B_all^T``. Reading each
+        adapter's weights once per layer whatever the batch holds costs less than gathering a
+        copy of A and B for every row (the BGMV way) once a batch has more rows than adapters;
+        a batch on one adapter takes only its slice. Masked-out columns add exact zeros."""
         if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names):
-            # training through a mixed batch: build the stacks inside autograd (no cache)
-            rank = max(self.lora_A[n].out_features for n in names)
-            pad = lambda w, dim: F.pad(w, (0, rank - w.shape[dim]) if dim == 1 else (0, 0, 0, rank - w.shape[0]))
-            zero_a = x.new_zeros(rank, self.in_features, dtype=self.lora_A[names[0]].weight.dtype)
-            a = torch.stack([zero_a] + [pad(self.lora_A[n].weight * self.scaling[n], 0) for n in names])
-            b = torch.stack([zero_a.new_zeros(self.out_features, rank)]
-                            + [pad(self.lora_B[n].weight, 1) for n in names])
-        else:
-            a, b = self._stacks(names)
+            return self._gathered_with_grad(x, result, names)
+        a, b, index, rank = self._stacks()
+        if any(n not in index for n in names):
+            return self._per_adapter(x, result, names)
+        x2 = x.reshape(-1, self.in_features).to(a.dtype)  # (B T, in)
+        if len(names) == 1 and None not in self.row_adapters:  # every row on one adapter
+            i = index[names[0]]
+            h = x2 @ a[i * rank:(i + 1) * rank].t()  # (B T, R)
+            delta = h @ b[:, i * rank:(i + 1) * rank].t()
+            return result + delta.view(result.shape).to(result.dtype)
+        keep = self._row_mask(index, rank, x.device, a.dtype)  # (B, n R)
+        rows = x.shape[0]
+        h = (x2 @ a.t()).view(rows, -1, keep.shape[1]) * keep.unsqueeze(1)  # (B, T, n R)
+        delta = h.view(-1, keep.shape[1]) @ b.t()  # (B T, out)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _row_mask(self, index: dict[str, int], rank: int, device, dtype) -> torch.Tensor:
+        """(B, n R) 0/1: the columns of each row's adapter (none for a base row), cached while
+        the rows' adapters and the layer's layout stay the same (from one decode step to the
+        next, a serving batch keeps them)."""
+        key = (self.row_adapters, tuple(index), rank, device, dtype)
+        cached = getattr(self, "_mask_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        keep = torch.zeros(len(self.row_adapters), len(index) * rank, dtype=dtype)
+        for row, n in enumerate(self.row_adapters):
+            if n in index:
+                keep[row, index[n] * rank:(index[n] + 1) * rank] = 1
+        keep = keep.to(device)
+        self._mask_cache = (key, keep)
+        return keep
+
+    def _gathered_with_grad(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Training through a mixed batch: stacks built inside autograd (no cache), rows
+        gathered (B, R, in) / (B, out, R), two batched matmuls."""
+        rank = max(self.lora_A[n].out_features for n in names)
+        pad = lambda w, dim: F.pad(w, (0, rank - w.shape[dim]) if dim == 1 else (0, 0, 0, rank - w.shape[0]))
+        zero_a = x.new_zeros(rank, self.in_features, dtype=self.lora_A[names[0]].weight.dtype)
+        a = torch.stack([zero_a] + [pad(self.lora_A[n].weight * self.scaling[n], 0) for n in names])
+        b = torch.stack([zero_a.new_zeros(self.out_features, rank)]
+                        + [pad(self.lora_B[n].weight, 1) for n in names])
         slot = {n: i for i, n in enumerate(names, start=1)}
         idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=x.device)
-        rows = x.shape[0]
-        xs = x.reshape(rows, -1, self.in_features).to(a.dtype)  # (B, T, in)
+        xs = x.reshape(x.shape[0], -1, self.in_features).to(a.dtype)  # (B, T, in)
         h = torch.bmm(xs, a.index_select(0, idx).transpose(1, 2))  # (B, T, R)
         delta = torch.bmm(h, b.index_select(0, idx).transpose(1, 2))  # (B, T, out)
         return result + delta.view(result.shape).to(result.dtype)

@@ -212,8 +212,9 @@ def test_copy_of_model_is_independent():
 
 
 def test_mixed_batch_gathered_path_pads_ranks_and_sees_weight_updates():
-    """Adapters of different ranks share one gathered matmul (ranks zero-padded); the cached
-    stacks follow in-place weight changes (an optimizer step) and deleted adapters."""
+    """Adapters of different ranks share one pair of dense products (ranks zero-padded); the
+    cached stacks follow in-place weight changes (an optimizer step), replaced weights, and
+    added or deleted adapters; a row's result does not depend on the rest of its batch."""
     model = make_tiny_model("llama").eval()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), name="small")
     lorakit.add_adapter(model, lorakit.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"), name="big")
@@ -242,6 +243,23 @@ def test_mixed_batch_gathered_path_pads_ranks_and_sees_weight_updates():
             layer.lora_B["small"].weight.mul_(3.0)
     second = check()
     assert not torch.allclose(first[1], second[1]) and torch.allclose(first[0], second[0])
+    # a weight replaced (not written in place) is seen too
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["big"].weight = torch.nn.Parameter(layer.lora_B["big"].weight * 2.0,
+                                                            requires_grad=False)
+    third = check()
+    assert not torch.allclose(second[0], third[0]) and torch.equal(second[1], third[1])
+    # a row computes bit for bit the same whatever else its batch mixes (one fixed layout)
+    with torch.no_grad(), lorakit.mixed_batch(model, ["big", None, "small"]):
+        other = model(ids).logits
+    assert torch.equal(other[0], third[0])
+    names = ["small", "small", "small"]  # every row on one adapter: its slice of the stacks
+    check()
     lorakit.delete_adapter(model, "big")
     names = ["small", None, "small"]
+    check()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"), name="new")
+    randomize_adapter(model, "new", seed=3)
+    names = ["new", "small", None]  # an adapter added after a mixed batch joins the next one
     check()
