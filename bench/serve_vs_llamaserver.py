@@ -9,13 +9,15 @@ requests through the same client (the official ``openai`` package, streaming, gr
   bfloat16);
 * ``--adapters`` random r=16 all-linear LoRA adapters (B ~ N(0, 1e-3), so the outputs move),
   given to lorakit as adapter folders and to llama-server as ``lorakit export gguf-lora``
-  files (``--lora`` each, ``--lora-init-without-apply``, chosen per request with
-  ``"lora": [{"id": i, "scale": 1}]``).
+  files (``--lora`` each, ``--lora-init-without-apply``, chosen per request with every
+  adapter's scale, ``"lora": [{"id": i, "scale": 1}, {"id": j, "scale": 0}, ...]``).
 
 Scenarios, each at every ``--concurrency``: ``base`` (no adapter), ``one`` (every request on
 adapter 0), ``mixed`` (request i on adapter i mod N). Reported per server and scenario:
 generated tokens/s over the wall time of the whole burst, mean / max time to first token,
-and the ratios lorakit / llama-server. llama-server runs with as many slots (``-np``) as the
+and the ratios lorakit / llama-server. Each server is warmed up (every scenario once, untimed)
+and measured ``--rounds`` times, the servers alternating; each scenario's median round counts
+(the lower middle one for an even count: with the default 2, the slower round). llama-server runs with as many slots (``-np``) as the
 largest concurrency and ``-t`` = the cores; it batches requests whose LoRA sets are equal.
 
     .venv/bin/python bench/serve_vs_llamaserver.py [--tokens 64] [--concurrency 8 32]
@@ -120,7 +122,10 @@ def scenarios(n_adapters: int, count: int, *, lorakit: bool, base_name: str) -> 
     def req(adapter: int | None):
         if lorakit:
             return (base_name if adapter is None else f"ad{adapter}", {})
-        lora = [] if adapter is None else [{"id": adapter, "scale": 1.0}]
+        # every adapter's scale spelled out: llama-server reads a missing (or empty) list as
+        # "keep what the slot had", so `lora: []` after an adapter request is not the base
+        # (measured: its "base" texts then matched transformers' greedy base 2 times in 8)
+        lora = [{"id": i, "scale": 1.0 if i == adapter else 0.0} for i in range(n_adapters)]
         return ("base", {"lora": lora, "cache_prompt": False})
 
     return {"base": [req(None)] * count, "one": [req(0)] * count,
@@ -145,8 +150,11 @@ def serve_and_measure(server: str, cmd: list[str], port: int, work: Path, args, 
         if lorakit:
             names = [m["id"] for m in httpx.get(url + "/v1/models", trust_env=False).json()["data"]]
             base_name = next(n for n in names if not n.startswith("ad"))
-        warm = (base_name, {}) if lorakit else ("base", {"cache_prompt": False})
-        burst(url, [warm], prompts, 8, tokenizer)
+        # warm-up, untimed: every scenario at every concurrency, 8 tokens (first-use costs:
+        # adapter reads, kernel set-up for each batch shape, llama.cpp's slot buffers)
+        for count in args.concurrency:
+            for reqs in scenarios(args.adapters, count, lorakit=lorakit, base_name=base_name).values():
+                burst(url, reqs, prompts, 8, tokenizer)
         for count in args.concurrency:
             for name, reqs in scenarios(args.adapters, count, lorakit=lorakit,
                                         base_name=base_name).items():
@@ -166,6 +174,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=sorted(GGUF_TYPE))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure each server this many times, alternating; report the median")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_vs_llamaserver.json"))
     args = parser.parse_args()
 
@@ -179,10 +189,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serve-vs-llama-"))
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     paths = make_adapters(model, tokenizer, work, args.adapters, r=16)
-    del model
     prompts = [tokenizer.apply_chat_template(
         [{"role": "user", "content": f"Write a story about a lighthouse keeper, number {i}."}],
         add_generation_prompt=True, tokenize=False) for i in range(max(args.concurrency))]
+    # the judge of the base texts: transformers' own greedy generate, one prompt at a time
+    reference = []
+    with torch.no_grad():
+        for prompt in prompts[:min(args.concurrency)]:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                 do_sample=False)
+            reference.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    del model
 
     t0 = time.perf_counter()
     base_gguf = work / "base.gguf"
@@ -210,15 +228,29 @@ def main() -> None:
            "--no-webui", "--lora-init-without-apply"]
     for g in lora_ggufs:
         cmd += ["--lora", str(g)]
-    results["llama-server"] = serve_and_measure("llama-server", cmd, port, work, args, prompts,
-                                                tokenizer)
-    port = free_port()
-    cmd = [*LORAKIT, "serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
-           "--max-batch-size", str(slots), "--max-loaded-adapters", str(args.adapters),
-           "--log", str(work / "requests.db")]
-    for i, p in enumerate(paths):
-        cmd += ["--adapter", f"ad{i}={p}"]
-    results["lorakit"] = serve_and_measure("lorakit", cmd, port, work, args, prompts, tokenizer)
+    llama_cmd = cmd
+    rounds = {"llama-server": [], "lorakit": []}
+    for round_ in range(args.rounds):  # the servers alternate, so drifting machine speed hits both
+        print(f"round {round_ + 1}/{args.rounds}", flush=True)
+        port = free_port()
+        cmd = [*llama_cmd[:llama_cmd.index("--port") + 1], str(port),
+               *llama_cmd[llama_cmd.index("--port") + 2:]]
+        rounds["llama-server"].append(serve_and_measure("llama-server", cmd, port, work, args,
+                                                        prompts, tokenizer))
+        port = free_port()
+        cmd = [*LORAKIT, "serve", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
+               "--max-batch-size", str(slots), "--max-loaded-adapters", str(args.adapters),
+               "--log", str(work / "requests.db")]
+        for i, p in enumerate(paths):
+            cmd += ["--adapter", f"ad{i}={p}"]
+        rounds["lorakit"].append(serve_and_measure("lorakit", cmd, port, work, args, prompts,
+                                                   tokenizer))
+    for server, runs in rounds.items():  # per scenario: the round with the median tokens/s
+        results[server] = {}
+        for key in runs[0]:
+            ordered = sorted((r[key] for r in runs), key=lambda r: r["tokens_per_s"])
+            results[server][key] = {**ordered[(len(ordered) - 1) // 2],
+                                    "rounds_tokens_per_s": [r[key]["tokens_per_s"] for r in runs]}
 
     ratios = {}
     for key, ours in results["lorakit"].items():
@@ -227,6 +259,11 @@ def main() -> None:
         ratios[key] = {"tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
                        "ttft_mean": round(ours["ttft_mean_s"] / theirs["ttft_mean_s"], 3),
                        "same_text": f"{same}/{len(ours['texts'])}"}
+    first = min(args.concurrency)
+    for server in ("lorakit", "llama-server"):
+        texts = results[server][f"base-{first}"]["texts"]
+        ratios[f"{server} base texts equal to transformers' greedy"] = \
+            f"{sum(a == b for a, b in zip(texts, reference))}/{len(reference)}"
     for server in ("lorakit", "llama-server"):
         for count in args.concurrency:
             r = results[server]
