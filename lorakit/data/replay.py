@@ -183,8 +183,6 @@ def mix_replay(train: Sequence[Example], replay: Sequence[Example], fraction: fl
     Raises:
         ConfigError: ``fraction`` outside [0, 1). DataError: no replay example to mix in.
     """
-    if not 0 <= fraction < 1:
-        raise ConfigError(f"data.replay.fraction must be in [0, 1), got {fraction}")
     train_tokens = int(sum(count_tokens(train)))
     lengths = count_tokens(replay) if fraction and replay else []
     chosen, stats = choose_replay(train_tokens, replay, fraction, lengths, seed)

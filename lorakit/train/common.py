@@ -447,12 +447,16 @@ class DataOrder:
 
     def rows(self, micro_index: int) -> list[int]:
         epoch, offset = divmod(micro_index, self.micro_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.n_rows, generator=g)
+        order = epoch_permutation(self.n_rows, self.seed, epoch)
         return order[offset * self.batch_size:(offset + 1) * self.batch_size].tolist()
 
     def epoch_of(self, micro_index: int) -> float:
         return micro_index / self.micro_per_epoch
+
+
+def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of ``n_rows`` rows in epoch ``epoch`` (the same on every machine)."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def micro_batches(order: DataOrder, start: int, count: int) -> Iterator[tuple[int, list[int]]]:

@@ -262,8 +262,7 @@ class SpreadOrder:
         hi = -(-(offset + 1) * self.n_rows // self.n_micro)
         if lo == hi:
             return []
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n_rows, generator=g)[lo:hi].tolist()
+        return common.epoch_permutation(self.n_rows, self.seed, epoch)[lo:hi].tolist()
 
 
 def prepare_replay(cfg: RunConfig, train_pairs: list[dict], tokenizer, model,

@@ -19,12 +19,9 @@ KEY = "sk-ui-test"
 
 @pytest.fixture(scope="module")
 def ui_service(serve_env, tmp_path_factory):
-    # One row at a time: the playground sends its base and fine-tuned requests together, and a
-    # batch of two rounds differently in the last bits than the API calls the test makes one by
-    # one afterwards. The adapter trained at lr 20 has near-tied logits ("\n" vs "South"), so a
-    # last-bit difference flipped a greedy token in CI. Batched-equals-alone is the engine's own
-    # test (tests/serve/test_engine.py, test_api.py) on adapters without near-ties; here the
-    # point is that the page shows what the API answers.
+    # One row at a time, so the playground's two requests and the API calls the test compares
+    # them with run the same forwards (batched-equals-alone is the engine's own test,
+    # tests/serve/test_engine.py and tests/lora/test_inject.py).
     with running_service(serve_env["base_dir"], tmp_path_factory.mktemp("ui-state"),
                          api_key=KEY, max_batch_size=1) as running:
         yield running
