@@ -10,6 +10,10 @@ whole run's peak, per rank.
 
     .venv/bin/python bench/fsdp_load.py --ckpt /tmp/bigckpt/tinyllama [--nproc 2] [--precision fp32]
     .venv/bin/python bench/fsdp_load.py --ckpt /tmp/bigckpt/tinyllama --method qlora
+
+``--mmap-threshold BYTES`` runs both with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed (torchrun's
+ranks inherit it; docs/hardware.md); ``--steps N`` trains N steps, and each run's training-loop
+time (summary.json ``wall_time_s``) is reported beside its peaks.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--method", default="lora", choices=["lora", "qlora"],
                     help="qlora: an NF4 base, which each rank also loads sharded")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="fix glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) for both runs")
     ap.add_argument("--out", default=None,
                     help="default bench/results/fsdp_load.json (lora), fsdp_load_qlora.json")
     args = ap.parse_args()
@@ -57,9 +64,11 @@ def main() -> None:
                  .values()) // 2  # bf16 bytes / 2
     common = [f"model={ckpt}", f"method={args.method}", f"data.train={data}", "data.max_length=128", "data.packing=false",
               "train.grad_accum=1", f"train.precision={args.precision}", "lora.r=16",
-              "lora.alpha=32", "train.max_steps=1", "train.save_every=null",
+              "lora.alpha=32", f"train.max_steps={args.steps}", "train.save_every=null",
               "train.eval_every=null", "eval.after_train=false", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     runs = {}
     for name, extra, nproc in (("one process", ["train.batch_size=" + str(args.nproc)], None),
                                (f"fsdp x{args.nproc}", ["train.batch_size=1",
@@ -77,20 +86,21 @@ def main() -> None:
         per = summary.get("per_rank") or {"load_peak_memory_bytes": [summary["load_peak_memory_bytes"]],
                                           "peak_memory_bytes": [summary["peak_memory_bytes"]]}
         runs[name] = {"seconds": round(time.perf_counter() - t, 1),
+                      "loop_seconds": summary.get("wall_time_s"),
                       "sharded_load": summary.get("fsdp_sharded_load"),
                       "load_peak_gib": [round(b / GIB, 3) for b in per["load_peak_memory_bytes"]],
                       "run_peak_gib": [round(b / GIB, 3) for b in per["peak_memory_bytes"]]}
         print(name, runs[name], file=sys.stderr)
     result = {"checkpoint": str(ckpt), "parameters": params, "precision": args.precision,
-              "method": args.method,
+              "method": args.method, "steps": args.steps, "mmap_threshold": args.mmap_threshold,
               "fp32_base_gib": round(params * 4 / GIB, 3), "runs": runs}
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     one, many = runs["one process"], runs[f"fsdp x{args.nproc}"]
-    print(f"| run | load peak per rank (GiB) | run peak per rank (GiB) |\n|---|---|---|")
+    print(f"| run | load peak per rank (GiB) | run peak per rank (GiB) | loop s |\n|---|---|---|---|")
     for name, r in runs.items():
         print(f"| {name} | {', '.join(map(str, r['load_peak_gib']))} | "
-              f"{', '.join(map(str, r['run_peak_gib']))} |")
+              f"{', '.join(map(str, r['run_peak_gib']))} | {r['loop_seconds']} |")
     print(f"load peak per rank / one process: "
           f"{max(many['load_peak_gib']) / one['load_peak_gib'][0]:.2f}x")
 
