@@ -70,6 +70,33 @@ def save_tiny_folder(path, family: str = "llama"):
     return model
 
 
+BPE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+BPE_TEXTS = ["SELECT name FROM users WHERE id = 7;", "Hello, world! 1234 rows.", " two  spaces",
+             "the quick brown fox jumps over the lazy dog"]
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2 style, like SmolLM2's; what GGUF export writes) of
+    ``vocab_size`` tokens trained here on a few sentences, with ChatML special tokens and chat
+    template: the small stand-in for SmolLM2's 49,152-token vocabulary where the vocabulary
+    size only costs time (transformers' GGUF reader parses it string by string)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    backend.train_from_iterator(BPE_TEXTS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   chat_template=BPE_CHAT_TEMPLATE)
+
+
 def make_smol_llama(tokenizer, *, hidden_size: int = 64, intermediate_size: int = 128, seed: int = 0):
     """A tiny random Llama sized for ``tokenizer`` (the real SmolLM2 one, with its chat
     template: ``smol_tokenizer``): 2 layers, 4 heads (2 KV), tied embeddings, its BOS/EOS."""

@@ -12,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit.models.load import load_model
-from tiny_models import VOCAB, save_tiny_folder
+from tiny_models import VOCAB, save_tiny_folder, tiny_bpe_tokenizer
 
 from lora.helpers import randomize_adapter
 
@@ -30,7 +30,9 @@ def save_base(tmp_path: Path, family: str, name: str = "base", tokenizer: str = 
               **config_overrides) -> Path:
     """A tiny ``family`` model saved as an HF folder, with the tiny word-level tokenizer
     (``tokenizer="word"``; no chat template) or the embedded SmolLM2 BPE tokenizer with its
-    chat template (``"smol"``; vocab_size becomes 49152). Config fields in
+    chat template (``"smol"``; vocab_size becomes 49152), or a 320-token byte-level BPE with a
+    ChatML template (``"bpe"``: ``tiny_models.tiny_bpe_tokenizer``, for tests where the
+    vocabulary's size only costs time). Config fields in
     ``config_overrides`` (e.g. hidden_size=64, tie_word_embeddings=True) are changed first.
     transformers 5 reads the word-level tokenizer of a qwen2 folder as a Qwen2Tokenizer that
     encodes nothing, so qwen2 bases use ``"smol"``."""
@@ -45,6 +47,14 @@ def save_base(tmp_path: Path, family: str, name: str = "base", tokenizer: str = 
         smol.save_pretrained(folder)
         config_overrides = {"vocab_size": len(smol), "bos_token_id": smol.bos_token_id,
                             "eos_token_id": smol.eos_token_id, "pad_token_id": None,
+                            **config_overrides}
+    if tokenizer == "bpe":
+        bpe = tiny_bpe_tokenizer()
+        for file in folder.glob("tokenizer*"):
+            file.unlink()
+        bpe.save_pretrained(folder)
+        config_overrides = {"vocab_size": len(bpe), "bos_token_id": bpe.bos_token_id,
+                            "eos_token_id": bpe.eos_token_id, "pad_token_id": None,
                             **config_overrides}
     if config_overrides:
         from transformers import AutoConfig, AutoModelForCausalLM

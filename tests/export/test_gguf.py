@@ -44,8 +44,9 @@ def test_permute_rows_pairs_the_halves_of_each_head():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # mistral: the same GGUF arch as llama
 def test_gguf_read_back_by_transformers(family, tmp_path, capsys):
-    """transformers' GGUF reader (which undoes the q/k permutation) gets the merged model."""
-    base = save_base(tmp_path, family, **WIDE)
+    """transformers' GGUF reader (which undoes the q/k permutation) gets the merged model.
+    A small BPE vocabulary: transformers' reader takes ~20 s per read of SmolLM2's 49,152."""
+    base = save_base(tmp_path, family, **dict(WIDE, tokenizer="bpe"))
     adapter = make_adapter(tmp_path, base, r=4)
     out = tmp_path / "m.gguf"
     rc, result, _ = _export(capsys, "gguf", "--adapter", adapter, "--out", out, "--type", "f32",
@@ -232,7 +233,7 @@ def test_llama_cpp_refuses_an_lm_head_lora_on_a_tied_base(tmp_path):
     from lorakit.export.compat import check_adapter
 
     binary("llama-server")
-    base = save_base(tmp_path, "llama", **WIDE, tie_word_embeddings=True)
+    base = save_base(tmp_path, "llama", **dict(WIDE, tokenizer="bpe"), tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_pretrained(base)
     get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"])).save_pretrained(
         tmp_path / "adapter")
@@ -270,7 +271,7 @@ def test_gguf_check_failure_deletes_the_file(tmp_path, capsys, monkeypatch):
     the SmolLM2 test covers the permutation.)"""
     import lorakit.export.gguf as gguf_module
 
-    base = save_base(tmp_path, "llama", **WIDE)
+    base = save_base(tmp_path, "llama", **dict(WIDE, tokenizer="bpe"))
     adapter = make_adapter(tmp_path, base)
     real = gguf_module._maybe_permute
 

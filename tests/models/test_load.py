@@ -269,7 +269,7 @@ def test_gguf_path_spec_shares_the_cache(smol_model, monkeypatch):
 
 @pytest.mark.slow
 def test_truncated_real_cache_entry_is_rebuilt(smol_model, tmp_path, monkeypatch, caplog):
-    """The one real GGUF conversion in the suite (~15-20 s)."""
+    """A second real GGUF conversion in the suite (~10 s)."""
     model, _ = smol_model
     gguf = resolve_spec(ALIAS).path
     good = cache.models_dir() / cache.gguf_sha256(gguf)
