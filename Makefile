@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 demo: $(STAMP)
 	$(PY) -m lorakit demo
 
+# The suite in TEST_WORKERS pytest-xdist workers, each module whole in one worker (its
+# module-scoped fixtures are built once); each worker gets an equal share of the cores
+# (tests/conftest.py). On 2 cores: 12.2 min against 21.5 min in one process (docs/benchmarks.md).
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) llamacpp
-	LORAKIT_LLAMACPP_BIN=$(abspath $(LLAMACPP_BIN)) $(PY) -m pytest
+	LORAKIT_LLAMACPP_BIN=$(abspath $(LLAMACPP_BIN)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # llama.cpp, the outside judge of the GGUF tests: a CPU build from the llama.cpp sources that the
 # pinned llama-cpp-python sdist vendors (vendor/llama.cpp, llama.cpp commit 0c1e57098), built once

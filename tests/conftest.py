@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker and every
+# process its tests start get an equal share of the cores, so two workers do not run four
+# threads on two cores. A test that needs all cores for a measurement sets its own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _SHARE = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _SHARE)
+    os.environ.setdefault("MKL_NUM_THREADS", _SHARE)
+
 # lorakit's cache (GGUF -> HF folder conversions): one fresh folder per test session, never
 # the user's ~/.cache/lorakit, shared by every test of the session and by the processes they
 # start (it is an environment variable). Converting the embedded SmolLM2 into it costs ~20 s
