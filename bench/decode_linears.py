@@ -9,6 +9,13 @@ Quality of int8: perplexity of the embedded SmolLM2 on the first 20 bundled SQL 
 to the fp32 model's before the first difference.
 
     .venv/bin/python bench/decode_linears.py [--rounds 3] [--no-quality]
+
+End to end (``--engine ROUNDS``): the serving engine on the embedded SmolLM2 in fp32 with every
+plain ``nn.Linear`` computing ``(W @ x.T).T`` for at most 32 rows (a class defined here and
+swapped in between bursts), alternated burst by burst with ``F.linear`` in one process, for the
+base and for 8 mixed r=16 adapters at 8 requests x 32 greedy tokens; medians and their ratio.
+
+    .venv/bin/python bench/decode_linears.py --engine 5 --json bench/results/decode_linears_engine.json
 """
 
 from __future__ import annotations
@@ -108,12 +115,87 @@ def quality() -> dict:
     return out
 
 
+class MmLinear(torch.nn.Linear):
+    """``(W @ x.T).T`` for a no-grad float32 forward over at most 32 rows, else ``F.linear``."""
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and 0 < rows <= 32:
+            out = torch.mm(self.weight, x.reshape(rows, self.in_features).t()).t()
+            out = out + self.bias if self.bias is not None else out.contiguous()
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def engine(rounds: int, requests: int = 8, tokens: int = 32) -> dict:
+    import statistics
+    import sys
+    import tempfile
+    import threading
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve_mixed import make_adapters
+
+    from lorakit.data.tokenize import prompt_ids
+    from lorakit.models.load import load_model
+    from lorakit.serve.engine import Engine, SamplingParams
+
+    model, tok = load_model("smollm2-135m-instruct", dtype=torch.float32)
+    paths = make_adapters(model, tok, Path(tempfile.mkdtemp()), 8, r=16)
+    eng = Engine(model, tok, max_batch_size=32, max_loaded_adapters=8)
+    for i, path in enumerate(paths):
+        eng.add_adapter(f"ad{i}", path, wait=False)
+    eng.start()
+    prompts = [prompt_ids(tok, f"Write a story about a lighthouse keeper, number {i}.")
+               for i in range(requests)]
+
+    def burst(mode: str) -> float:
+        def run(i):
+            eng.generate(prompts[i], None if mode == "base" else f"ad{i % 8}",
+                         SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(requests)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return round(requests * tokens / (time.perf_counter() - start), 1)
+
+    def swap(to) -> None:  # between bursts, while the engine thread is idle
+        for module in model.modules():
+            if type(module) in (torch.nn.Linear, MmLinear):
+                module.__class__ = to
+
+    out = {}
+    try:
+        for mode in ("base", "mixed"):
+            burst(mode)  # warm-up
+            rates = {"W @ x.T": [], "F.linear": []}
+            for _ in range(rounds):
+                for name, cls in (("W @ x.T", MmLinear), ("F.linear", torch.nn.Linear)):
+                    swap(cls)
+                    rates[name].append(burst(mode))
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            out[mode] = {"tokens_per_s": rates, "median": med,
+                         "ratio": round(med["W @ x.T"] / med["F.linear"], 2)}
+            print(mode, out[mode], flush=True)
+    finally:
+        eng.stop()
+    return {"requests": requests, "tokens": tokens, **out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--engine", type=int, default=0, metavar="ROUNDS",
+                    help="only the end-to-end engine comparison, for ROUNDS alternated rounds")
     ap.add_argument("--json", default=str(ROOT / "bench/results/decode_linears.json"))
     args = ap.parse_args()
+    if args.engine:
+        result = {"threads": torch.get_num_threads(), "engine": engine(args.engine)}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
     result = {"threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "speed_ms": speed(args.rounds)}
