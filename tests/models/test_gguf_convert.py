@@ -18,11 +18,6 @@ from lorakit.models.gguf_convert import unpermute_rows
 from tiny_models import tiny_bpe_tokenizer
 
 
-
-def _bpe_tokenizer():
-    return tiny_bpe_tokenizer()
-
-
 def _model(family: str, vocab: int, tied: bool):
     import transformers as tf
 
@@ -36,7 +31,7 @@ def _model(family: str, vocab: int, tied: bool):
 
 
 def _gguf(tmp_path, family, tied, out_type, name="tiny"):
-    tokenizer = _bpe_tokenizer()
+    tokenizer = tiny_bpe_tokenizer()
     model = _model(family, len(tokenizer), tied)
     path = tmp_path / f"{family}-{out_type}.gguf"
     write_model_gguf(model, tokenizer, path, out_type, name=name)
@@ -92,7 +87,7 @@ def test_converted_folder_loads_as_the_exported_model(tmp_path):
     ids = torch.tensor([[3, 17, 40, 99, 5]])
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
-    source, read = _bpe_tokenizer(), AutoTokenizer.from_pretrained(out)
+    source, read = tiny_bpe_tokenizer(), AutoTokenizer.from_pretrained(out)
     assert read.get_vocab() == source.get_vocab()
     assert (read.bos_token, read.eos_token) == (source.bos_token, source.eos_token)
     messages = [{"role": "user", "content": "hi"}]
@@ -114,7 +109,7 @@ def test_a_file_it_does_not_reproduce_goes_to_transformers(tmp_path, caplog):
     one-pass path refuses the file and the cache's conversion uses transformers' loader."""
     import logging
 
-    tokenizer = _bpe_tokenizer()
+    tokenizer = tiny_bpe_tokenizer()
     model = _model("llama", len(tokenizer), True)
     path = tmp_path / "extra.gguf"
     write_model_gguf(model, tokenizer, path, "f32", tensors=[
