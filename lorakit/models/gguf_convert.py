@@ -45,15 +45,10 @@ _TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
               "unknown_token_id": "unk_token_id", "padding_token_id": "pad_token_id"}
 # per architecture: the config keys transformers does not take from the file
 _SKIPPED = {"llama": set(), "qwen2": {"rope.dimension_count"}}
-ARCHITECTURES = tuple(_SKIPPED)
 
 
 class Unsupported(Exception):
     """The file is outside what this converter reproduces exactly; use transformers'."""
-
-
-def _value(field):
-    return field.contents()
 
 
 def config_dict(reader) -> dict:
@@ -61,10 +56,10 @@ def config_dict(reader) -> dict:
     fields = reader.fields
     if "general.architecture" not in fields:
         raise Unsupported("no general.architecture")
-    arch = _value(fields["general.architecture"])
+    arch = fields["general.architecture"].contents()
     if arch not in _SKIPPED:
         raise Unsupported(f"architecture {arch!r}")
-    name = _value(fields["general.name"]) if "general.name" in fields else None
+    name = fields["general.name"].contents() if "general.name" in fields else None
     if arch == "llama" and name == "mistral":
         raise Unsupported("transformers reads this llama file as mistral")
     config = {"tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
@@ -74,10 +69,10 @@ def config_dict(reader) -> dict:
     for key, target in _CONFIG_KEYS.items():
         if key in _SKIPPED[arch] or f"{arch}.{key}" not in fields:
             continue
-        config[target] = _value(fields[f"{arch}.{key}"])
+        config[target] = fields[f"{arch}.{key}"].contents()
     for key, target in _TOKEN_IDS.items():
         if f"tokenizer.ggml.{key}" in fields:
-            config[target] = _value(fields[f"tokenizer.ggml.{key}"])
+            config[target] = fields[f"tokenizer.ggml.{key}"].contents()
     if "vocab_size" not in config:
         if "tokenizer.ggml.tokens" not in fields:
             raise Unsupported("no vocab_size and no token list")
@@ -117,7 +112,7 @@ def convert(gguf_path: Path, out: Path) -> None:
     reader = gguf.GGUFReader(str(gguf_path))
     fields = config_dict(reader)
     model_field = reader.fields.get("tokenizer.ggml.model")
-    tokenizer_model = _value(model_field) if model_field is not None else None
+    tokenizer_model = model_field.contents() if model_field is not None else None
     arch = fields["model_type"]
     config = AutoConfig.for_model(**fields)
     with torch.device("meta"):
