@@ -12,6 +12,7 @@ SQL_DIR = Path(__file__).parent / "sql"  # shop.db, train.jsonl, eval.jsonl, bui
 SQL_CONFIG = Path(__file__).parent / "sql.yaml"  # the run config (examples/sql.yaml is a copy)
 # the paths in SQL_CONFIG are relative to the folder holding the lorakit package
 _PACKAGE_PARENT = Path(__file__).parent.parent.parent
+_SCORE_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 _PATH_KEYS = (("data", "train"), ("data", "eval"), ("eval", "sql_db"))
 
 
@@ -52,6 +53,7 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
     from lorakit.eval.sql import execution_match, extract_sql
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model
+    from lorakit.train.common import default_device, resolve_precision
     from lorakit.train.sft import train
 
     console = Console(file=out or sys.stdout)
@@ -63,15 +65,18 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
 
     def score(model, tokenizer, label):
         t0 = time.perf_counter()
+        # 50 rows a batch: the 100 questions in two (25 s vs 38 s in batches of 16, bf16 base)
         with console.status(f"[bold]{label}: generating SQL for {len(prompts)} held-out questions"):
-            preds = generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=16)
+            preds = generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=50)
         hits = [execution_match(extract_sql(p), r, db) for p, r in zip(preds, refs)]
         console.print(f"{label}: execution accuracy {100 * sum(hits) / len(hits):.1f}% "
                       f"({int(sum(hits))}/{len(hits)}) in {time.perf_counter() - t0:.0f} s")
         return preds, hits
 
     started = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype="float32")
+    # score in the dtype the run trains its frozen base in (train.precision)
+    precision = resolve_precision(cfg.train.precision, default_device(), cfg.quantized)
+    model, tokenizer = load_model(cfg.model, dtype=_SCORE_DTYPE.get(precision, "float32"))
     base_preds, base_hits = score(model, tokenizer, "base model")
     console.print(f"fine-tuning {cfg.model} with LoRA r={cfg.lora.r} on "
                   f"{cfg.data.train} ...")

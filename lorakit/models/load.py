@@ -149,6 +149,17 @@ def native_bf16_support(device: Any = None) -> tuple[bool, str]:
     return False, "the CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
 
 
+def inference_dtype(device: Any = None) -> tuple[Any, str]:
+    """The dtype to serve or generate in when none is asked for, and why: bfloat16 where
+    ``device`` runs it natively (:func:`native_bf16_support`: a CUDA device with bf16, a CPU with
+    AVX512-BF16 or AMX), float32 elsewhere (emulated bf16 is far slower than fp32). The same rule
+    as ``train.precision: auto`` for a dense base."""
+    import torch
+
+    native, why = native_bf16_support(device)
+    return (torch.bfloat16 if native else torch.float32), why
+
+
 def native_bf16(device: Any = None) -> bool:
     """True when ``device`` runs bf16 natively (see :func:`native_bf16_support`)."""
     return native_bf16_support(device)[0]

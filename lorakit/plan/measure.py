@@ -88,7 +88,7 @@ def run_measurement(spec: MeasureSpec) -> dict:
     from lorakit.train.sft import setup_model
 
     device = common.default_device()
-    precision = common.resolve_precision(spec.precision, device)
+    precision = common.resolve_precision(spec.precision, device, spec.method == "qlora")
     cfg = RunConfig(model=spec.model, method=spec.method,
                     lora={"r": spec.r, "target_modules": spec.target_modules,
                           "dropout": spec.lora_dropout},

@@ -161,7 +161,7 @@ def preflight(cfg, *, strict: bool = False, log=print, processes: int = 1) -> di
     from lorakit.train import common
 
     device = common.default_device()
-    precision = common.resolve_precision(cfg.train.precision, device)
+    precision = common.resolve_precision(cfg.train.precision, device, cfg.quantized)
     available = available_memory_bytes(device)
     strategy = getattr(cfg.train, "strategy", "ddp")
     cpu = device.type != "cuda"

@@ -89,7 +89,8 @@ def add_parsers(subparsers) -> None:
     serve.add_argument("--log-text", action="store_true",
                        help="also log prompt and completion texts (needed for token drift)")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                       help="base model dtype (default: bfloat16 on a capable GPU, else float32)")
+                       help="base model dtype (default: bfloat16 where the device runs it natively: a "
+                            "GPU with bf16, a CPU with AVX512-BF16 or AMX; else float32)")
     serve.set_defaults(func=run_serve)
 
     monitor = subparsers.add_parser(
@@ -136,7 +137,7 @@ def run_serve(args, extend=None) -> int:
     import uvicorn
 
     from lorakit.errors import ConfigError
-    from lorakit.models.load import load_model
+    from lorakit.models.load import inference_dtype, load_model
     from lorakit.serve.api import create_app
     from lorakit.serve.auth import api_key_from_env, load_keys
     from lorakit.serve.engine import Engine
@@ -155,7 +156,11 @@ def run_serve(args, extend=None) -> int:
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         raise ConfigError(f"--adapter names must be unique, got {names}")
-    model, tokenizer = load_model(args.model, args.dtype, quantization=args.quantization)
+    dtype, dtype_note = args.dtype, ""
+    if dtype is None and not args.quantization:
+        dtype, why = inference_dtype()
+        dtype_note = f" in {str(dtype).removeprefix('torch.')} ({why}; --dtype overrides)"
+    model, tokenizer = load_model(args.model, dtype, quantization=args.quantization)
     base_name = args.served_model_name or args.model
     engine = Engine(model, tokenizer, base_name=base_name, adapter_root=args.adapter_root,
                     max_loaded_adapters=args.max_loaded_adapters,
@@ -174,7 +179,7 @@ def run_serve(args, extend=None) -> int:
     if stop is not None:
         app.state.shutdown_hooks.append(stop)
     app.state.shutdown_hooks.append(engine.stop)
-    print(f"lorakit serve: {base_name} + {len(names)} adapter(s) on http://{args.host}:{args.port}/v1"
+    print(f"lorakit serve: {base_name} + {len(names)} adapter(s){dtype_note} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key or api_keys else ''}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info",

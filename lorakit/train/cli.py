@@ -135,7 +135,7 @@ def eval_after_train(cfg, result, log=None) -> dict | None:
     log(f"base vs tuned on {cfg.data.eval} (first {cfg.eval.limit or 'all'} examples, metric "
         f"{cfg.eval.metric}; eval.after_train=false skips this)")
     device = common.default_device()
-    precision = common.resolve_precision(cfg.train.precision, device)
+    precision = common.resolve_precision(cfg.train.precision, device, cfg.quantized)
     # the base the run trained on: 4-bit when cfg.quantized (QLoRA), in the run's precision
     model, tokenizer = common.load_base_for_config(cfg, device, precision)
     # (name, folder): a bare name would be read as a folder when the working directory holds

@@ -171,18 +171,24 @@ def _read_examples(path, cfg, log) -> list:
 
 
 # ---------------------------------------------------------------------- precision
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA with bf16 (``fp16`` without), ``fp32`` on CPUs; see
-    :func:`precision_choice` for the reason given in the run summary."""
-    return precision_choice(precision, device)[0]
+def resolve_precision(precision: str, device: torch.device, quantized: bool = False) -> str:
+    """``auto`` -> ``bf16`` on CUDA with bf16 (``fp16`` without) and on CPUs with native bf16
+    (dense bases), else ``fp32``; see :func:`precision_choice` for the reason given in the run
+    summary."""
+    return precision_choice(precision, device, quantized)[0]
 
 
-def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
+def precision_choice(precision: str, device: torch.device,
+                     quantized: bool = False) -> tuple[str, str]:
     """``(resolved train.precision, why)``, the why for the log and ``summary.json``.
 
     ``bf16`` stores the frozen base in bfloat16 (adapters and optimizer state stay float32) and
-    runs the step under bf16 autocast. ``auto`` picks it on CUDA with bf16; on CPUs it keeps
-    fp32 and says whether the CPU has native bf16 (docs/benchmarks.md, "Precision and dropout").
+    runs the step under bf16 autocast. ``auto`` picks it on CUDA with bf16, and on CPUs with
+    native bf16 (AVX512-BF16 or AMX) for a dense base: measured there 1.34x fp32 on the bundled
+    demo's training at the same accuracy (76 vs 77 of 100) and 1.45-1.97x per step
+    (docs/benchmarks.md, "Precision and dropout"). A CPU without native bf16 emulates it (100x
+    slower than fp32 on one such machine) and keeps fp32; so does a 4-bit (``quantized``) base on
+    CPUs, whose bf16 compute is not measured. ``train.precision=...`` forces either way.
     """
     from lorakit.models.load import native_bf16_support
 
@@ -191,13 +197,12 @@ def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
     native, why = native_bf16_support(device)
     if device.type == "cuda":
         return ("bf16" if native else "fp16"), f"auto: {why}"
+    if native and quantized:
+        return "fp32", (f"auto: {why}, but a 4-bit base's bf16 compute on CPUs is not measured "
+                        f"faster, so auto keeps fp32; train.precision=bf16 forces it")
     if native:
-        # bf16 over fp32 on CPUs with native bf16, measured (docs/benchmarks.md, "Precision and
-        # dropout"): 0.6x on one 2-core machine (2026-11-29, bf16 autocast), 1.45x (bf16 base,
-        # dropout 0.05) to 1.97x (autocast) on another (2026-12-02); its effect on the demo's
-        # accuracy is not measured yet, so auto keeps fp32 on CPUs for now
-        return "fp32", (f"auto: {why}, but bf16 autocast's speed on CPUs varies (0.6x-1.97x of "
-                        f"fp32 measured) and auto keeps fp32 there; train.precision=bf16 forces it")
+        return "bf16", (f"auto: {why}: a bf16 frozen base trains faster than fp32 on such CPUs "
+                        f"(1.3-2x measured); train.precision=fp32 forces fp32")
     return "fp32", f"auto: {why}"
 
 

@@ -496,7 +496,7 @@ def train(cfg: RunConfig, *, log=None, progress: bool | None = None) -> TrainRes
         raise ConfigError("method: kto estimates its reference point from mismatched pairs "
                           "within a batch: set train.batch_size to 2 or more")
     device = common.default_device()
-    precision, precision_reason = common.precision_choice(cfg.train.precision, device)
+    precision, precision_reason = common.precision_choice(cfg.train.precision, device, cfg.quantized)
     run_dir = cfg.resolved_output_dir()
     resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)

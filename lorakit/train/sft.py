@@ -153,7 +153,7 @@ def _run(cfg: RunConfig, dist: distributed.Dist, log, progress: bool | None) -> 
 
     log = distributed.main_only(log, dist)
     device = dist.device
-    precision, precision_reason = common.precision_choice(cfg.train.precision, device)
+    precision, precision_reason = common.precision_choice(cfg.train.precision, device, cfg.quantized)
     run_dir = cfg.resolved_output_dir()
     resume_from = common.resume_point(run_dir, cfg.resume, log)
     torch.manual_seed(cfg.train.seed)

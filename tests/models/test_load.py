@@ -42,6 +42,16 @@ def test_default_dtype_on_cpu_is_float32():
     assert resolve_dtype(None, "cpu") == torch.float32
 
 
+def test_inference_dtype_is_bf16_only_where_it_is_native(monkeypatch):
+    dtype, why = load_mod.inference_dtype("cpu")
+    assert dtype == (torch.bfloat16 if load_mod.native_bf16("cpu") else torch.float32) and why
+    # the rule, on either kind of CPU
+    monkeypatch.setattr(load_mod, "native_bf16_support", lambda device=None: (True, "has it"))
+    assert load_mod.inference_dtype("cpu") == (torch.bfloat16, "has it")
+    monkeypatch.setattr(load_mod, "native_bf16_support", lambda device=None: (False, "emulated"))
+    assert load_mod.inference_dtype("cpu") == (torch.float32, "emulated")
+
+
 def test_bad_dtype_name_is_config_error_listing_valid_names():
     with pytest.raises(ConfigError) as err:
         load_model(ALIAS, dtype="bfloat61")

@@ -21,7 +21,8 @@ def model_dir(tmp_path_factory):
 
 
 def _cfg(model_dir, *overrides):
-    return load_config(None, [f"model={model_dir}", "lora.r=4", *overrides])
+    # fp32, the precision the figures below are estimated at (auto may pick a bf16 base)
+    return load_config(None, [f"model={model_dir}", "lora.r=4", "train.precision=fp32", *overrides])
 
 
 def _free(monkeypatch, nbytes):

@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from lorakit.models.load import inference_dtype
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -67,6 +69,9 @@ def test_lorakit_serve_subprocess(serve_env, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # no --dtype: bf16 where this CPU runs it natively, else fp32, and the banner says which
+    expected = str(inference_dtype("cpu")[0]).removeprefix("torch.")
+    assert f"adapter(s) in {expected} (" in proc.stdout.read()
     import sqlite3
 
     rows = sqlite3.connect(db).execute("SELECT adapter, status, prompt_text FROM requests").fetchall()

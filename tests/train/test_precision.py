@@ -37,13 +37,31 @@ def test_native_bf16_matches_the_cpu_flags():
     assert native_bf16(torch.device("cpu")) == native and why
 
 
-def test_auto_on_cpu_keeps_fp32_and_says_whether_bf16_is_native():
+def test_auto_on_cpu_picks_a_bf16_base_only_where_bf16_is_native():
     cpu = torch.device("cpu")
+    native = native_bf16(cpu)
     chosen, why = common.precision_choice("auto", cpu)
-    assert chosen == "fp32"  # bf16 on CPUs: not yet measured faster (docs/benchmarks.md)
-    assert why.startswith("auto: ") and (native_bf16(cpu) == ("but bf16 autocast" in why))
+    # a dense base: bf16 where the CPU has AVX512-BF16 / AMX (faster, docs/benchmarks.md), else fp32
+    assert chosen == ("bf16" if native else "fp32")
+    assert why.startswith("auto: ") and ("avx512_bf16" in why or "amx" in why or not native)
+    # a 4-bit base keeps fp32 on CPUs either way (its bf16 compute is not measured faster)
+    q_chosen, q_why = common.precision_choice("auto", cpu, quantized=True)
+    assert q_chosen == "fp32" and (native == ("4-bit" in q_why))
     assert common.precision_choice("fp32", cpu) == ("fp32", "train.precision=fp32")
+    assert common.precision_choice("bf16", cpu, quantized=True) == ("bf16", "train.precision=bf16")
     assert common.resolve_precision("auto", cpu) == chosen
+
+
+def test_auto_precision_is_what_a_run_reports(tiny_model_dir, arithmetic_data, tmp_path):
+    """The summary of a run at ``train.precision=auto`` names the precision auto resolved to,
+    and its base is stored in that dtype."""
+    cfg = _cfg(tiny_model_dir, arithmetic_data, tmp_path / "auto", "auto", "train.max_steps=1")
+    result = train(cfg, progress=False, log=lambda m: None)
+    expected, why = common.precision_choice("auto", torch.device("cpu"))
+    assert result.summary["precision"] == expected and result.summary["precision_reason"] == why
+    model, _, _ = setup_model(cfg, torch.device("cpu"), expected)
+    frozen = {p.dtype for n, p in model.named_parameters() if "base_layer.weight" in n}
+    assert frozen == {torch.bfloat16 if expected == "bf16" else torch.float32}
 
 
 def test_bf16_base_trains_like_fp32_with_fp32_adapters(tiny_model_dir, arithmetic_data, tmp_path):
