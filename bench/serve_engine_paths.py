@@ -2,7 +2,7 @@
 adapters, and optionally a cProfile of the decode step (issue 20).
 
 N threads submit N greedy requests (``ignore_eos``, --tokens tokens each) to one
-``lorakit.serve.engine.Engine`` on the embedded SmolLM2 in fp32; ``base`` runs with no adapter
+``lorakit.serve.engine.Engine`` on the embedded SmolLM2 in ``--dtype`` (float32); ``base`` runs with no adapter
 loaded, ``one`` / ``mixed`` with 8 random r=16 all-linear adapters resident (request i on
 adapter 0, or on adapter i mod 8). One untimed 8-token burst first. To compare two commits,
 run it from each checkout alternately on the same cores (the machine's speed drifts).
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--profile", action="store_true", help="cProfile one more burst's decode steps")
     args = parser.parse_args()
 
@@ -41,7 +42,7 @@ def main() -> None:
     from lorakit.models.load import load_model
     from lorakit.serve.engine import Engine, SamplingParams
 
-    model, tok = load_model(args.model, dtype=torch.float32)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     adapters = [] if args.mode == "base" else make_adapters(model, tok, Path(tempfile.mkdtemp()), 8, r=16)
     engine = Engine(model, tok, max_batch_size=max(32, args.requests), max_loaded_adapters=8)
     for i, path in enumerate(adapters):

@@ -4,7 +4,9 @@ Both sides train the embedded default (SmolLM2-135M-Instruct) on the bundled tex
 train split with the same hyperparameters: LoRA r=16, alpha=32, dropout ``--dropout`` (default
 0.05, lorakit's and PEFT's default; the bundled example config uses 0), all linear layers
 of the decoder, 2 epochs, batch 8, lr 2e-4, cosine with 3% warm-up, max_length 256, AdamW,
-float32 on CPU, no gradient checkpointing, seed 0. Both render the examples with the model's
+no gradient checkpointing, seed 0; precision (``--precision``) each tool's default (lorakit
+``train.precision=auto``, a bf16 frozen base on CPUs with native bf16; TRL's ``bf16`` default,
+bf16 mixed precision over fp32 weights) or both float32. Both render the examples with the model's
 chat template and put the loss on the answer only.
 
 * lorakit: ``lorakit.train.sft.train`` with the bundled example config and ``data.packing=true``, and
@@ -22,8 +24,8 @@ tested to give PEFT's logits exactly) and evaluated on the 100 held-out examples
 cross-entropy per answer token.
 
 Model FLOP utilisation: ``4 x parameters x tokens/s`` (forward 2, backward to the
-activations 2; the frozen base gets no weight gradients) over the matmul peak of the same
-dtype measured on this machine (a 2048^3 float32 ``torch.mm``, best of 10).
+activations 2; the frozen base gets no weight gradients) over the matmul peak of the dtype the
+side's matmuls ran in, measured on this machine (a 2048^3 ``torch.mm``, best of 10).
 
 Usage::
 
@@ -101,10 +103,10 @@ def eval_loss_of(adapter_dir: Path) -> float:
     return total / count
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -115,14 +117,16 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------- the two workers
-def worker_lorakit(out: Path, epochs: float, packing: bool, dropout: float) -> dict:
+def worker_lorakit(out: Path, epochs: float, packing: bool, dropout: float,
+                   precision: str) -> dict:
     from lorakit.config import load_config
     from lorakit.examples import example_config
     from lorakit.train.sft import train
 
     run_dir = out.parent / "lorakit-run"
     cfg = load_config(None, [f"train.epochs={epochs}", f"output_dir={run_dir}",
-                             f"data.packing={str(packing).lower()}", f"lora.dropout={dropout}"],
+                             f"data.packing={str(packing).lower()}", f"lora.dropout={dropout}",
+                             f"train.precision={'fp32' if precision == 'fp32' else 'auto'}"],
                       base=example_config())
     t0 = time.perf_counter()
     result = train(cfg, progress=False, log=lambda m: None)
@@ -130,10 +134,11 @@ def worker_lorakit(out: Path, epochs: float, packing: bool, dropout: float) -> d
     s = result.summary
     return {"adapter": str(result.adapter_dir), "train_loop_s": s["wall_time_s"],
             "setup_and_train_s": setup_and_train, "steps": s["steps"],
-            "final_train_loss": s["final_train_loss"], "parameters": s["total_parameters"]}
+            "final_train_loss": s["final_train_loss"], "parameters": s["total_parameters"],
+            "precision": s["precision"]}
 
 
-def worker_trl(out: Path, epochs: float, packing: bool, dropout: float) -> dict:
+def worker_trl(out: Path, epochs: float, packing: bool, dropout: float, precision: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -155,7 +160,8 @@ def worker_trl(out: Path, epochs: float, packing: bool, dropout: float) -> dict:
         learning_rate=HP["lr"], lr_scheduler_type="cosine", warmup_steps=HP["warmup"],
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", max_length=HP["max_length"],
         packing=packing, completion_only_loss=True, gradient_checkpointing=False,
-        bf16=False, use_cpu=True, seed=HP["seed"], data_seed=HP["seed"],
+        # None: TRL's default (bf16 mixed precision unless fp16 is set, on CPU too)
+        bf16=False if precision == "fp32" else None, use_cpu=True, seed=HP["seed"], data_seed=HP["seed"],
         save_strategy="no", eval_strategy="no", logging_steps=10, report_to="none",
         dataloader_num_workers=0, disable_tqdm=True)
     peft_config = LoraConfig(r=HP["r"], lora_alpha=HP["alpha"], lora_dropout=dropout,
@@ -171,26 +177,30 @@ def worker_trl(out: Path, epochs: float, packing: bool, dropout: float) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"adapter": str(adapter), "train_loop_s": t2 - t1, "setup_and_train_s": t2 - t0,
             "steps": result.global_step, "final_train_loss": losses[-1] if losses else None,
-            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "precision": "bf16 autocast, fp32 weights" if args.bf16 else "fp32"}
 
 
-def run_worker(side: str, out: Path, epochs: float, dropout: float) -> None:
+def run_worker(side: str, out: Path, epochs: float, dropout: float, precision: str) -> None:
     t0 = time.perf_counter()
     if side.startswith("lorakit"):
-        record = worker_lorakit(out, epochs, packing=side == "lorakit", dropout=dropout)
+        record = worker_lorakit(out, epochs, packing=side == "lorakit", dropout=dropout,
+                                precision=precision)
     else:
-        record = worker_trl(out, epochs, packing=side == "trl-packed", dropout=dropout)
+        record = worker_trl(out, epochs, packing=side == "trl-packed", dropout=dropout,
+                            precision=precision)
     record["process_s"] = time.perf_counter() - t0
     out.write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------------- the driver
-def run_side(side: str, epochs: float, dropout: float, workdir: Path) -> dict:
+def run_side(side: str, epochs: float, dropout: float, precision: str, workdir: Path) -> dict:
     out = workdir / side / "result.json"
     out.parent.mkdir(parents=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", side, "--out", str(out),
-                             "--epochs", str(epochs), "--dropout", str(dropout)])
+                             "--epochs", str(epochs), "--dropout", str(dropout),
+                             "--precision", precision])
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
@@ -209,6 +219,10 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--dropout", type=float, default=0.05,
                    help="lora.dropout on both sides (default 0.05, what users run)")
+    p.add_argument("--precision", choices=["default", "fp32"], default="default",
+                   help="default: each tool's own default (lorakit train.precision=auto: a bf16 "
+                        "base on CPUs with native bf16; TRL: bf16 mixed precision); fp32: both "
+                        "pinned to float32")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -219,7 +233,7 @@ def main() -> None:
         print(eval_loss_of(args.eval_adapter))
         return
     if args.worker:
-        run_worker(args.worker, args.out, args.epochs, args.dropout)
+        run_worker(args.worker, args.out, args.epochs, args.dropout, args.precision)
         return
 
     import torch
@@ -229,21 +243,24 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     counts = _token_counts(load_tokenizer("smollm2-135m-instruct"))
     peak = matmul_peak_flops()
+    peak_bf16 = matmul_peak_flops(dtype=torch.bfloat16)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     results = {}
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         for side in sides:
             print(f"running {side} ...", file=sys.stderr, flush=True)
-            r = run_side(side, args.epochs, args.dropout, Path(tmp))
+            r = run_side(side, args.epochs, args.dropout, args.precision, Path(tmp))
             r["supervised_tokens_per_s"] = counts["supervised"] * args.epochs / r["train_loop_s"]
             r["tokens_per_s"] = counts["tokens"] * args.epochs / r["train_loop_s"]
-            r["mfu"] = 4 * r["parameters"] * r["tokens_per_s"] / peak
+            # against the peak of the dtype its matmuls ran in
+            r["mfu"] = 4 * r["parameters"] * r["tokens_per_s"] / (
+                peak if r["precision"] == "fp32" else peak_bf16)
             results[side] = r
 
     print(f"\nSmolLM2-135M, LoRA r=16 all-linear, dropout {args.dropout:g}, {args.epochs:g} epochs on "
           f"{len(_examples('train'))} examples ({counts['tokens']:,} tokens, "
-          f"{counts['supervised']:,} answer tokens per epoch); float32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s; {os.cpu_count()} CPU threads, torch {torch.__version__}\n")
+          f"{counts['supervised']:,} answer tokens per epoch); matmul peak float32 "
+          f"{peak / 1e9:.0f} / bfloat16 {peak_bf16 / 1e9:.0f} GFLOP/s; {os.cpu_count()} CPU threads, torch {torch.__version__}\n")
     head = (f"{'side':<14}{'wall s':>8}{'loop s':>8}{'steps':>6}{'ans tok/s':>10}"
             f"{'tok/s':>8}{'MFU':>7}{'peak RSS':>10}{'train loss':>11}{'eval loss':>10}")
     print(head)
@@ -251,7 +268,8 @@ def main() -> None:
         print(f"{side:<14}{r['wall_s']:>8.0f}{r['train_loop_s']:>8.0f}{r['steps']:>6}"
               f"{r['supervised_tokens_per_s']:>10.0f}{r['tokens_per_s']:>8.0f}"
               f"{100 * r['mfu']:>6.1f}%{r['peak_rss_bytes'] / 2**30:>8.2f}Gi"
-              f"{(r['final_train_loss'] or float('nan')):>11.4f}{r['eval_loss']:>10.4f}")
+              f"{(r['final_train_loss'] or float('nan')):>11.4f}{r['eval_loss']:>10.4f}"
+              f"  {r['precision']}")
     for side, r in results.items():
         # its like-for-like lorakit side if that ran, else the packed lorakit side
         mine = next((m for m in (COUNTERPART.get(side), "lorakit") if m in results), None)
@@ -264,7 +282,9 @@ def main() -> None:
                   f"eval loss {ours['eval_loss']:.4f} vs {r['eval_loss']:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"epochs": args.epochs, "dropout": args.dropout,
+                                         "precision": args.precision,
                                          "matmul_peak_flops": peak,
+                                         "matmul_peak_flops_bf16": peak_bf16,
                                          "counts": counts, "results": results}, indent=2))
 
 
