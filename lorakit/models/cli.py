@@ -53,8 +53,9 @@ def add_parsers(subparsers) -> None:
                      help="nucleus sampling mass when sampling (default: 1.0)")
     gen.add_argument("--dtype", default=None, metavar="DTYPE",
                      choices=["auto", "float32", "bfloat16", "float16"],
-                     help="auto|float32|bfloat16|float16 (default: bfloat16 on a capable GPU, "
-                          "else float32)")
+                     help="auto|float32|bfloat16|float16 (default: bfloat16 where the device runs "
+                          "it natively: a GPU with bf16, a CPU with AVX512-BF16 or AMX; else "
+                          "float32)")
     gen.set_defaults(func=run_generate)
 
 
@@ -115,9 +116,9 @@ def run_info(args) -> int:
 
 def run_generate(args) -> int:
     """``lorakit generate --prompt TEXT ...``: prints the completion only (on stdout)."""
-    from lorakit.models.load import generate, load_model
+    from lorakit.models.load import generate, inference_dtype, load_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype or inference_dtype()[0])
     if args.adapter:
         from lorakit.lora.io import load_adapter
 

@@ -44,6 +44,21 @@ def test_generate_rejects_unknown_dtype(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_generate_default_dtype_is_bf16_only_where_native(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from lorakit.models import load as load_mod
+
+    base = tmp_path / "base"
+    save_tiny_folder(base)
+    seen = []
+    real = load_mod.load_model
+    monkeypatch.setattr(load_mod, "load_model",
+                        lambda spec, dtype=None, **kw: seen.append(dtype) or real(spec, dtype, **kw))
+    assert main(["generate", "--model", str(base), "--prompt", "w5", "--max-tokens", "2"]) == 0
+    assert seen == [torch.bfloat16 if load_mod.native_bf16("cpu") else torch.float32]
+
+
 def test_generate_applies_the_adapter(tmp_path, capsys):
     """``--adapter`` with the real loader: the completion differs from the base's, and equals
     what transformers generates greedily with the same adapter loaded by PEFT."""
