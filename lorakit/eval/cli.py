@@ -70,7 +70,9 @@ def add_parsers(sub) -> None:
                    help="use only the first N general-text probe items for forgetting")
     p.add_argument("--no-forgetting", action="store_true", help="skip the forgetting probe")
     p.add_argument("--no-safety", action="store_true", help="skip the safety (refusal) probe")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype (default: bfloat16 where the device runs it natively, a GPU "
+                        "with bf16 or a CPU with AVX512-BF16 / AMX; else float32)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and A/B shuffle seed")
     p.set_defaults(func=run_eval)
     actions = p.add_subparsers(dest="action", metavar="score-human FILE",
@@ -125,7 +127,9 @@ def add_advise_parser(sub) -> None:
     p.add_argument("--target", type=float, default=0.9,
                    help="a prompt baseline at or above this score is good enough (default 0.9)")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype (default: bfloat16 where the device runs it natively, a GPU "
+                        "with bf16 or a CPU with AVX512-BF16 / AMX; else float32)")
     p.add_argument("--seed", type=int, default=0, help="split, few-shot draw and bootstrap seed")
     p.add_argument("--json", action="store_true", help="print machine-readable results to stdout")
     p.set_defaults(func=run_advise)
@@ -134,6 +138,7 @@ def add_advise_parser(sub) -> None:
 def run_advise(args) -> int:
     from lorakit.eval.advise import advise, format_advice
     from lorakit.eval.sql import EXAMPLE_DB, EXAMPLE_DIR
+    from lorakit.models.load import inference_dtype
 
     data, eval_data, metrics, sql_db = args.data, args.eval_data, list(args.metric), args.sql_db
     if data is None:
@@ -145,7 +150,8 @@ def run_advise(args) -> int:
     result = advise(data, eval_data, model=args.model, metrics=metrics, sql_db=sql_db,
                     limit=args.limit, few_shot=args.few_shot, select=args.few_shot_select,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    target=args.target, seed=args.seed, dtype=args.dtype)
+                    target=args.target, seed=args.seed,
+                    dtype=args.dtype or inference_dtype()[0])
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -178,7 +184,7 @@ def run_eval(args) -> int:
     from lorakit.eval.report import write_report
     from lorakit.eval.sql import EXAMPLE_DB, EXAMPLE_DIR
     from lorakit.lora.io import read_adapter_folder
-    from lorakit.models.load import load_model
+    from lorakit.models.load import inference_dtype, load_model
 
     data, metrics, sql_db = args.data, list(args.metric), args.sql_db
     if data is None:
@@ -194,7 +200,7 @@ def run_eval(args) -> int:
     few_shot, few_shot_data = _few_shot_settings(args)
     log = (lambda msg: print(msg, file=sys.stderr))
     log(f"loading {spec}")
-    model, tokenizer = load_model(spec, dtype=args.dtype)
+    model, tokenizer = load_model(spec, dtype=args.dtype or inference_dtype()[0])
     result = compare(model, tokenizer, str(data), adapters=args.adapter, metrics=metrics,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      limit=args.limit, sql_db=sql_db, forgetting=not args.no_forgetting,

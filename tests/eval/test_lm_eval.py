@@ -56,7 +56,8 @@ def test_lm_eval_scores_base_and_adapter_as_the_harness_does(eval_base_dir, eval
     out = tmp_path / "report"
     rc = main(["eval", "--adapter", f"rand={eval_adapters / 'rand'}", "--data",
                str(eval_data / "eval.jsonl"), "--max-new-tokens", "4", "--no-forgetting",
-               "--no-safety", "--lm-eval", str(task_yaml), "--out", str(out), "--json"])
+               "--no-safety", "--lm-eval", str(task_yaml), "--out", str(out), "--json",
+               "--dtype", "float32"])  # the harness's reference runs below are float32
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)["lm_eval"]
     saved = json.loads((out / "results.json").read_text())["lm_eval"]
