@@ -365,9 +365,14 @@ def test_deadline(client, server, monkeypatch):
     assert chat(client, "a1").choices[0].message.content  # later requests are fine
 
 
-def test_non_streaming_client_that_leaves_is_cancelled(client, server):
+def test_non_streaming_client_that_leaves_is_cancelled(client, server, monkeypatch):
     log = server["log"]
     before = len(log.rows())
+    # a decode step of >= 10 ms, so 240 tokens outlast the client's 0.5 s on any machine (the
+    # tiny model alone can finish them first on a fast CPU, and then nothing is cancelled)
+    engine = server["engine"]
+    step = engine._decode_step
+    monkeypatch.setattr(engine, "_decode_step", lambda: (time.sleep(0.01), step())[1])
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server["url"] + "/v1/completions", headers=AUTH, timeout=0.5,
                    json={"model": "a1", "prompt": "Go on", "max_tokens": 240,
