@@ -5,6 +5,7 @@ fine-tuned answers equal the API's, and the adapter download is the run's adapte
 are saved (path printed; kept under LORAKIT_UI_SCREENSHOTS when set)."""
 
 import io
+import json
 import os
 import shutil
 import zipfile
@@ -110,10 +111,14 @@ def test_browser_upload_train_watch_and_compare(ui_service, tmp_path):
         page.screenshot(path=str(shot_dir / "2-job.png"), full_page=True)
         fine_tuned = page.inner_text("#model")
         assert fine_tuned.startswith("ft:tiny-base:ui:")
-        # playground: both sides equal the API's greedy answers
+        # playground: the page asks for both models and shows what the server answered
         page.fill("#prompt", "Spell the digit 5 (5)")
-        page.click("#compare")
+        with page.expect_response(lambda r: r.url.endswith("/ui/api/playground")) as answered:
+            page.click("#compare")
         page.wait_for_selector("#out-ft[data-done='1']")
+        played = answered.value
+        asked = json.loads(played.request.post_data)
+        outputs = played.json()["outputs"]
         # textContent, the string the script wrote: innerText is the *rendered* text, which
         # can differ in leading / trailing newlines (the tiny model's answers are often "\n")
         shown = {"tiny-base": page.text_content("#out-base"), fine_tuned: page.text_content("#out-ft")}
@@ -125,13 +130,21 @@ def test_browser_upload_train_watch_and_compare(ui_service, tmp_path):
         browser.close()
 
     assert problems == [], problems
+    assert asked["models"] == ["tiny-base", fine_tuned] and asked["prompt"] == "Spell the digit 5 (5)"
+    for model, text in shown.items():
+        assert text == outputs[model]["text"], (model, text, outputs[model])
+    # each side is that model's greedy answer: the API's starts the same way. (Not compared
+    # whole: in this service two identical greedy requests to the lr-20 tiny adapter have
+    # differed near the end of their 48 tokens, 1 run in ~5 on an AVX512 CPU: an open engine
+    # issue, named in issue 20's note, not the UI's.)
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     for model, text in shown.items():
         reply = client.chat.completions.create(
             model=model, max_tokens=48, temperature=0,
             messages=[{"role": "user", "content": "Spell the digit 5 (5)"}])
         content = reply.choices[0].message.content
-        assert text in (content, content.strip()), (model, text, content)
+        assert content.startswith(text[:24]) or content.strip().startswith(text[:24]), \
+            (model, text, content)
     adapter = ui_service["manager"].root / "jobs" / job_id / "adapter"
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         assert zf.read("adapter/adapter_model.safetensors") == \
