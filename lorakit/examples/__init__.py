@@ -12,7 +12,6 @@ SQL_DIR = Path(__file__).parent / "sql"  # shop.db, train.jsonl, eval.jsonl, bui
 SQL_CONFIG = Path(__file__).parent / "sql.yaml"  # the run config (examples/sql.yaml is a copy)
 # the paths in SQL_CONFIG are relative to the folder holding the lorakit package
 _PACKAGE_PARENT = Path(__file__).parent.parent.parent
-_SCORE_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 _PATH_KEYS = (("data", "train"), ("data", "eval"), ("eval", "sql_db"))
 
 
@@ -53,7 +52,7 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
     from lorakit.eval.sql import execution_match, extract_sql
     from lorakit.lora.io import load_adapter
     from lorakit.models.load import load_model
-    from lorakit.train.common import default_device, resolve_precision
+    from lorakit.train.common import base_dtype, default_device, resolve_precision
     from lorakit.train.sft import train
 
     console = Console(file=out or sys.stdout)
@@ -65,7 +64,8 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
 
     def score(model, tokenizer, label):
         t0 = time.perf_counter()
-        # 50 rows a batch: the 100 questions in two (25 s vs 38 s in batches of 16, bf16 base)
+        # 50 rows a batch: the 100 questions in two (25 s vs 38 s in batches of 16, bf16 base;
+        # bench/demo_scoring.py)
         with console.status(f"[bold]{label}: generating SQL for {len(prompts)} held-out questions"):
             preds = generate_batch(model, tokenizer, prompts, max_new_tokens=64, batch_size=50)
         hits = [execution_match(extract_sql(p), r, db) for p, r in zip(preds, refs)]
@@ -76,7 +76,7 @@ def run_demo(overrides: list[str] | None = None, limit: int | None = None, out=N
     started = time.perf_counter()
     # score in the dtype the run trains its frozen base in (train.precision)
     precision = resolve_precision(cfg.train.precision, default_device(), cfg.quantized)
-    model, tokenizer = load_model(cfg.model, dtype=_SCORE_DTYPE.get(precision, "float32"))
+    model, tokenizer = load_model(cfg.model, dtype=base_dtype(precision))
     base_preds, base_hits = score(model, tokenizer, "base model")
     console.print(f"fine-tuning {cfg.model} with LoRA r={cfg.lora.r} on "
                   f"{cfg.data.train} ...")

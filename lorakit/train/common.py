@@ -96,9 +96,7 @@ def load_base_for_config(cfg, device: torch.device | None = None, precision: str
 
     check_optimizer(cfg, device)  # before the (slow, large) load
     check_activation_offload(cfg, device)
-    dtype = torch.float32
-    if cfg.method != "full":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = base_dtype(precision) if cfg.method != "full" else torch.float32
     kwargs = {}
     if cfg.quantized:
         q = cfg.quantization
@@ -204,6 +202,11 @@ def precision_choice(precision: str, device: torch.device,
         return "bf16", (f"auto: {why}: a bf16 frozen base trains faster than fp32 on such CPUs "
                         f"(1.3-2x measured); train.precision=fp32 forces fp32")
     return "fp32", f"auto: {why}"
+
+
+def base_dtype(precision: str) -> torch.dtype:
+    """The dtype a frozen base is stored in for a resolved ``train.precision``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def autocast(precision: str, device: torch.device):

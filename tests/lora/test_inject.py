@@ -287,13 +287,13 @@ def test_mixed_batch_over_a_bf16_base():
         stacks = [layer._stack_cache[3] for _, layer in lora_layers(model)]
         assert stacks and all(a.dtype == b.dtype == torch.float32 for a, b, _, _ in stacks)
         assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-        with lorakit.disable_adapters(model):
-            base = model(ids[1:2]).logits.float()
-        assert torch.equal(mixed[1:2], base)
+        with lorakit.disable_adapters(model):  # the same batch (a row's bits can depend on M)
+            base = model(ids).logits.float()
+        assert torch.equal(mixed[1], base[1])  # a base row gets exact zeros from the adapters
         for row in (0, 2):
             lorakit.set_adapter(model, names[row])
             alone = model(ids[row:row + 1]).logits.float()
             scale = alone.abs().max()
             # the bf16 base's rounding of the batch vs one row
             assert (mixed[row:row + 1] - alone).abs().max() <= 0.03 * scale
-            assert not torch.allclose(alone, base)  # the adapter moves the logits
+            assert not torch.allclose(alone, base[row:row + 1])  # the adapter moves the logits
